@@ -1,0 +1,153 @@
+//! The engine's one error type. Variants say what went wrong and where; the source error
+//! is always kept.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `rill-engine`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system call failed.
+    #[error("I/O error during {op} on {path}: {source}")]
+    Io {
+        /// What the engine was doing (`"open"`, `"write"`, `"fdatasync"`, ...).
+        op: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The operating-system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bytes handed to a decoder do not form a valid record batch.
+    #[error("malformed record batch: {reason}")]
+    MalformedBatch {
+        /// What is wrong with the bytes.
+        reason: String,
+    },
+    /// A batch's stored CRC-32 does not match its contents.
+    #[error("record batch checksum mismatch: stored {expected:#010x}, computed {actual:#010x}")]
+    ChecksumMismatch {
+        /// CRC stored in the batch header.
+        expected: u32,
+        /// CRC computed over the bytes.
+        actual: u32,
+    },
+    /// A structure carries a format version this build does not understand.
+    #[error("unsupported {what} format version {found} (this build reads {supported})")]
+    UnsupportedVersion {
+        /// Which structure (`"record batch"`, `"topic metadata"`, ...).
+        what: &'static str,
+        /// Version found in the bytes.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// A file on disk is damaged in a way recovery must not paper over.
+    #[error("corrupt data in {path} at byte {pos}: {reason}")]
+    Corrupt {
+        /// The damaged file.
+        path: PathBuf,
+        /// Byte position of the damage.
+        pos: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A size or count exceeds one of the limits in [`crate::limits`] or the configuration.
+    #[error("{limit} exceeded: {actual} > {max}")]
+    LimitExceeded {
+        /// Name of the limit.
+        limit: &'static str,
+        /// The maximum allowed.
+        max: u64,
+        /// The value that was asked for.
+        actual: u64,
+    },
+    /// A batch without records was appended.
+    #[error("a record batch must contain at least one record")]
+    EmptyBatch,
+    /// A read asked for an offset outside `[log_start, log_end]`.
+    #[error("offset {requested} out of range: log holds [{log_start}, {log_end})")]
+    OffsetOutOfRange {
+        /// The offset asked for.
+        requested: u64,
+        /// First offset still held.
+        log_start: u64,
+        /// Offset the next record will get.
+        log_end: u64,
+    },
+    /// The named topic does not exist.
+    #[error("topic '{topic}' does not exist")]
+    TopicNotFound {
+        /// Topic name.
+        topic: String,
+    },
+    /// A topic with this name already exists.
+    #[error("topic '{topic}' already exists")]
+    TopicExists {
+        /// Topic name.
+        topic: String,
+    },
+    /// The topic has no such partition.
+    #[error("topic '{topic}' has no partition {partition} (it has {partitions})")]
+    PartitionNotFound {
+        /// Topic name.
+        topic: String,
+        /// Partition asked for.
+        partition: u32,
+        /// Partitions the topic has.
+        partitions: u32,
+    },
+    /// A topic name is not allowed.
+    #[error("invalid topic name '{name}': {reason}")]
+    InvalidTopicName {
+        /// The rejected name.
+        name: String,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: String,
+    },
+    /// An earlier write or fsync failed; the partition refuses appends until it is reopened,
+    /// because after a failed fsync the page cache no longer tells what reached the disk.
+    #[error("partition {partition} is read-only after an earlier I/O failure ({cause}); reopen the store to recover")]
+    Poisoned {
+        /// `topic-partition` of the poisoned log.
+        partition: String,
+        /// The failure that poisoned it.
+        cause: String,
+    },
+    /// The store or partition was closed.
+    #[error("the log is closed")]
+    Closed,
+    /// Another process holds the store directory.
+    #[error("store directory {path} is locked by another process")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+}
+
+impl Error {
+    /// Shorthand for [`Error::Io`].
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Shorthand for [`Error::MalformedBatch`].
+    pub(crate) fn malformed(reason: impl Into<String>) -> Self {
+        Error::MalformedBatch {
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! File access. This is the only module that opens, writes, syncs or maps files; everything
+//! above it goes through the [`Storage`] trait, so tests can inject faults (see
+//! [`fault::FaultStorage`]) without touching the code under test.
+//!
+//! It owns: positioned reads and writes, `fdatasync`, directory syncs, memory maps.
+//! It must never: interpret the bytes it moves.
+
+pub mod fault;
+mod mmap;
+mod std_storage;
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use mmap::{MmapBytes, ReadMap, WriteMap};
+pub use std_storage::StdStorage;
+
+use crate::error::Result;
+
+/// How to open a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the file; fail if it exists.
+    CreateNew,
+    /// Open an existing file for reading and writing.
+    ReadWrite,
+}
+
+/// A directory tree of files: the engine's view of the disk.
+pub trait Storage: Send + Sync + Debug + 'static {
+    /// Opens a file.
+    fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>>;
+    /// Removes a file.
+    fn remove_file(&self, path: &Path) -> Result<()>;
+    /// Atomically renames `from` to `to`, replacing `to`.
+    fn rename(&self, from: &Path, to: &Path) -> Result<()>;
+    /// Creates a directory and its parents.
+    fn create_dir_all(&self, path: &Path) -> Result<()>;
+    /// Removes a directory and everything in it.
+    fn remove_dir_all(&self, path: &Path) -> Result<()>;
+    /// Makes the directory's entries (creations, renames, removals) durable.
+    fn sync_dir(&self, path: &Path) -> Result<()>;
+    /// Lists the entries of a directory, sorted by name.
+    fn list_dir(&self, path: &Path) -> Result<Vec<PathBuf>>;
+    /// Whether a path exists.
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// An open file.
+#[allow(clippy::len_without_is_empty)]
+pub trait StorageFile: Send + Sync + Debug {
+    /// The file's path.
+    fn path(&self) -> &Path;
+    /// Writes all of `buf` at byte position `pos`.
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> Result<()>;
+    /// Reads exactly `buf.len()` bytes at `pos`.
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()>;
+    /// Makes the file's data durable (`fdatasync`).
+    fn sync_data(&self) -> Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> Result<()>;
+    /// Maps the whole file read-only. The caller must keep the file from shrinking while
+    /// the map lives (see the `SAFETY` notes in `mmap.rs`).
+    fn map_read(&self) -> Result<ReadMap>;
+    /// Maps the whole file read-write (shared).
+    fn map_write(&self) -> Result<WriteMap>;
+}

@@ -1,0 +1,120 @@
+//! The standard backend: `pread`/`pwrite`/`fdatasync` through `std::fs`.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::mmap::{ReadMap, WriteMap};
+use super::{OpenMode, Storage, StorageFile};
+use crate::error::{Error, Result};
+
+/// Files on the local file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdStorage;
+
+impl Storage for StdStorage {
+    fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(StdFile::open(path, mode)?))
+    }
+
+    fn remove_file(&self, path: &Path) -> Result<()> {
+        std::fs::remove_file(path).map_err(|e| Error::io("remove file", path, e))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        std::fs::rename(from, to).map_err(|e| Error::io("rename", from, e))
+    }
+
+    fn create_dir_all(&self, path: &Path) -> Result<()> {
+        std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> Result<()> {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io("remove directory", path, e))
+    }
+
+    fn sync_dir(&self, path: &Path) -> Result<()> {
+        let dir = File::open(path).map_err(|e| Error::io("open directory", path, e))?;
+        dir.sync_all().map_err(|e| Error::io("fsync directory", path, e))
+    }
+
+    fn list_dir(&self, path: &Path) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(path).map_err(|e| Error::io("list directory", path, e))? {
+            out.push(entry.map_err(|e| Error::io("list directory", path, e))?.path());
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+}
+
+/// A file opened by [`StdStorage`].
+#[derive(Debug)]
+pub struct StdFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl StdFile {
+    /// Opens `path` in `mode`.
+    pub fn open(path: &Path, mode: OpenMode) -> Result<Self> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        match mode {
+            OpenMode::CreateNew => options.create_new(true),
+            OpenMode::ReadWrite => options.create(false),
+        };
+        let file = options.open(path).map_err(|e| Error::io("open", path, e))?;
+        Ok(StdFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl StorageFile for StdFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> Result<()> {
+        self.file
+            .write_all_at(buf, pos)
+            .map_err(|e| Error::io("write", &self.path, e))
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, pos)
+            .map_err(|e| Error::io("read", &self.path, e))
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io("fdatasync", &self.path, e))
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.path, e))?
+            .len())
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.file.set_len(len).map_err(|e| Error::io("truncate", &self.path, e))
+    }
+
+    fn map_read(&self) -> Result<ReadMap> {
+        ReadMap::new(&self.file, &self.path)
+    }
+
+    fn map_write(&self) -> Result<WriteMap> {
+        WriteMap::new(&self.file, &self.path)
+    }
+}

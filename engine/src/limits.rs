@@ -1,0 +1,39 @@
+//! Named limits of the engine. Every bound the engine enforces lives here, with the
+//! reason for its value, so that a reviewer can see all of them in one place.
+
+/// Largest encoded record batch (header + records, after compression) the log accepts.
+/// 16 MiB: large enough for any sane producer batch, small enough that a decoder can
+/// allocate it without a second thought. Kafka's default `message.max.bytes` is 1 MiB.
+pub const BATCH_SIZE_BYTES_MAX: u32 = 16 * 1024 * 1024;
+
+/// Largest *decompressed* records section of a batch. Bounds what a hostile lz4 payload
+/// can make a decoder allocate (a compression bomb).
+pub const BATCH_UNCOMPRESSED_SIZE_BYTES_MAX: u32 = 64 * 1024 * 1024;
+
+/// Most records one batch may carry. The last offset delta is a `u32`; this keeps it far
+/// from overflow and keeps per-batch work bounded.
+pub const RECORDS_PER_BATCH_MAX: u32 = 1_000_000;
+
+/// Most headers one record may carry.
+pub const HEADERS_PER_RECORD_MAX: u32 = 10_000;
+
+/// Largest segment file. Index entries store file positions as `u32`, so a segment can
+/// never exceed 4 GiB; 2 GiB leaves room for one maximum batch past the roll threshold.
+pub const SEGMENT_SIZE_BYTES_MAX: u64 = 2 * 1024 * 1024 * 1024;
+
+/// Smallest allowed segment size; below this a single batch could not fit.
+pub const SEGMENT_SIZE_BYTES_MIN: u64 = 4 * 1024;
+
+/// Largest preallocated index file per segment (offset or time index).
+pub const INDEX_SIZE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Most partitions per topic.
+pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
+
+/// Longest topic name, as in Kafka (file-name limits leave room for the partition suffix).
+pub const TOPIC_NAME_LEN_MAX: usize = 249;
+
+const _: () = assert!(BATCH_SIZE_BYTES_MAX as u64 <= SEGMENT_SIZE_BYTES_MIN * 4096);
+const _: () = assert!(SEGMENT_SIZE_BYTES_MAX + BATCH_SIZE_BYTES_MAX as u64 <= u32::MAX as u64);
+const _: () = assert!(BATCH_UNCOMPRESSED_SIZE_BYTES_MAX >= BATCH_SIZE_BYTES_MAX);
+const _: () = assert!(SEGMENT_SIZE_BYTES_MIN < SEGMENT_SIZE_BYTES_MAX);

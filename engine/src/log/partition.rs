@@ -1,0 +1,569 @@
+//! One partition: a log of segments, its appender, its flusher and its readers.
+//!
+//! It owns: offset assignment, rolling, the fsync policy and group commit, the visible end
+//! offset, recovery on open, clean shutdown, retention, and reads by offset or time.
+//! It must never: read or write bytes itself (that is `segment/` through `io/`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::{Mutex, RwLock};
+
+use super::completion::{AppendHandle, AppendInfo, Completion};
+use super::group_commit::{GroupCommit, PendingAppend, Round};
+use super::visibility::EndWatch;
+use crate::config::{Clock, FsyncPolicy, TopicConfig};
+use crate::error::{Error, Result};
+use crate::format::batch::{set_base_offset, set_leader_epoch, Batch, BatchBuilder, BatchHeader, BatchIter, Compression};
+use crate::format::{Record, StoredRecord};
+use crate::io::{OpenMode, Storage};
+use crate::segment::{parse_log_file_name, IndexingState, OpenKind, ScanReport, Segment, SegmentConfig};
+
+/// Name of the file whose presence says the partition was closed cleanly.
+pub const CLEAN_SHUTDOWN_FILE: &str = ".clean_shutdown";
+
+/// The appender's state, behind the appender lock.
+#[derive(Debug)]
+struct Appender {
+    active: Arc<Segment>,
+    indexing: IndexingState,
+    next_offset: u64,
+    /// Wall-clock time of the active segment's first batch (for roll by age).
+    active_first_append_ms: Option<i64>,
+    closed: bool,
+}
+
+/// What opening a partition found; useful to operators and tests.
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryReport {
+    /// Whether the partition had been closed cleanly.
+    pub clean_shutdown: bool,
+    /// Segments whose indices were rebuilt from the log.
+    pub rebuilt_indices: u32,
+    /// Bytes cut from the end of the log.
+    pub truncated_bytes: u64,
+    /// Why the tail was cut, if it was.
+    pub truncation_reason: Option<String>,
+}
+
+/// A partition log.
+#[derive(Debug)]
+pub struct Partition {
+    topic: String,
+    id: u32,
+    dir: PathBuf,
+    config: TopicConfig,
+    storage: Arc<dyn Storage>,
+    clock: Arc<dyn Clock>,
+    appender: Mutex<Appender>,
+    segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    end: EndWatch,
+    log_start: AtomicU64,
+    poisoned: AtomicBool,
+    poison_cause: Mutex<Option<String>>,
+    commit: GroupCommit,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+    recovery: RecoveryReport,
+}
+
+impl Partition {
+    /// Opens (or creates) the partition in `dir`, recovering it if it was not closed
+    /// cleanly, and starts its flusher thread when the policy needs one.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        clock: Arc<dyn Clock>,
+        dir: &Path,
+        topic: &str,
+        id: u32,
+        config: TopicConfig,
+    ) -> Result<Arc<Self>> {
+        storage.create_dir_all(dir)?;
+        let marker = dir.join(CLEAN_SHUTDOWN_FILE);
+        let clean_shutdown = storage.exists(&marker);
+        if clean_shutdown {
+            // From here on a crash must be recovered: remove the marker durably first.
+            storage.remove_file(&marker)?;
+            storage.sync_dir(dir)?;
+        }
+        let seg_config = segment_config(&config);
+        let (segments, appender, recovery) = open_segments(&*storage, dir, clean_shutdown, &seg_config)?;
+        let log_start = segments.first().map_or(0, |s| s.base_offset());
+        let end = appender.next_offset;
+        let partition = Arc::new(Partition {
+            topic: topic.to_string(),
+            id,
+            dir: dir.to_path_buf(),
+            config,
+            storage,
+            clock,
+            appender: Mutex::new(appender),
+            segments: RwLock::new(Arc::new(segments)),
+            end: EndWatch::new(end),
+            log_start: AtomicU64::new(log_start),
+            poisoned: AtomicBool::new(false),
+            poison_cause: Mutex::new(None),
+            commit: GroupCommit::new(),
+            flusher: Mutex::new(None),
+            recovery,
+        });
+        partition.start_flusher()?;
+        Ok(partition)
+    }
+
+    fn start_flusher(self: &Arc<Self>) -> Result<()> {
+        let interval = match self.config.fsync {
+            FsyncPolicy::Never => return Ok(()),
+            FsyncPolicy::Always => None,
+            FsyncPolicy::Interval { interval_ms } => Some(Duration::from_millis(interval_ms)),
+        };
+        let partition = Arc::clone(self);
+        let handle = std::thread::Builder::new()
+            .name(format!("rill-flush-{}-{}", self.topic, self.id))
+            .spawn(move || partition.run_flusher(interval))
+            .map_err(|e| Error::io("spawn flusher thread", &self.dir, e))?;
+        *self.flusher.lock() = Some(handle);
+        Ok(())
+    }
+
+    /// Topic name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partition number.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The partition's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The topic configuration this partition runs with.
+    pub fn config(&self) -> &TopicConfig {
+        &self.config
+    }
+
+    /// What recovery found when the partition was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// First offset still held (retention moves it forward).
+    pub fn log_start_offset(&self) -> u64 {
+        self.log_start.load(Ordering::Acquire)
+    }
+
+    /// Offset the next visible record will get: every record below it is acknowledged per
+    /// the fsync policy and readable.
+    pub fn end_offset(&self) -> u64 {
+        self.end.load()
+    }
+
+    /// Number of segments.
+    pub fn segment_count(&self) -> usize {
+        self.segments.read().len()
+    }
+
+    /// Total bytes of all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.read().iter().map(|s| s.size_bytes()).sum()
+    }
+
+    fn name(&self) -> String {
+        format!("{}-{}", self.topic, self.id)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            let cause = self.poison_cause.lock().clone().unwrap_or_default();
+            return Err(Error::Poisoned { partition: self.name(), cause });
+        }
+        Ok(())
+    }
+
+    fn poison(&self, cause: &Error) {
+        let mut slot = self.poison_cause.lock();
+        if slot.is_none() {
+            *slot = Some(cause.to_string());
+        }
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Encodes `records` into one batch and appends it.
+    pub fn append_records(&self, records: &[Record], compression: Compression) -> Result<AppendHandle> {
+        let mut builder = BatchBuilder::new(compression, self.clock.now_ms());
+        for record in records {
+            builder.push(record)?;
+        }
+        let batch = builder.build()?;
+        let header = BatchHeader::parse(&batch)?;
+        self.append_checked(batch, header)
+    }
+
+    /// Appends an encoded batch from outside (a client): checks its header, length, CRC
+    /// and every record before anything is written. The base offset and leader epoch in the
+    /// bytes are ignored and overwritten: the log assigns offsets.
+    pub fn append_batch(&self, batch: BytesMut) -> Result<AppendHandle> {
+        self.check_batch_size(batch.len())?;
+        let checked = Batch::decode(batch.freeze())?;
+        checked.validate_records()?;
+        let header = *checked.header();
+        let batch = checked.into_bytes().try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        self.append_checked(batch, header)
+    }
+
+    fn check_batch_size(&self, len: usize) -> Result<()> {
+        if len as u64 > u64::from(self.config.batch_size_bytes_max) {
+            return Err(Error::LimitExceeded {
+                limit: "batch_size_bytes_max",
+                max: u64::from(self.config.batch_size_bytes_max),
+                actual: len as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn append_checked(&self, mut batch: BytesMut, header: BatchHeader) -> Result<AppendHandle> {
+        self.check_batch_size(batch.len())?;
+        self.check_writable()?;
+        let mut appender = self.appender.lock();
+        if appender.closed {
+            return Err(Error::Closed);
+        }
+        self.check_writable()?;
+        self.maybe_roll(&mut appender, &header, batch.len() as u64)?;
+        let base_offset = appender.next_offset;
+        set_base_offset(&mut batch, base_offset);
+        set_leader_epoch(&mut batch, 0);
+        let header = BatchHeader { base_offset, leader_epoch: 0, ..header };
+        let Appender { active, indexing, .. } = &mut *appender;
+        if let Err(e) = active.append(&batch, &header, indexing) {
+            // The file may now hold part of the batch; only recovery can tell what is valid.
+            self.poison(&e);
+            return Err(e);
+        }
+        appender.next_offset = header.next_offset();
+        appender.active_first_append_ms.get_or_insert_with(|| self.clock.now_ms());
+        let info = AppendInfo { base_offset, last_offset: header.last_offset() };
+        match self.config.fsync {
+            FsyncPolicy::Always => {
+                let completion = Arc::new(Completion::default());
+                self.commit.enqueue(PendingAppend { target_end: header.next_offset(), info, completion: Arc::clone(&completion) });
+                Ok(AppendHandle::pending(completion))
+            }
+            FsyncPolicy::Interval { .. } | FsyncPolicy::Never => {
+                self.end.publish(header.next_offset());
+                Ok(AppendHandle::ready(Ok(info)))
+            }
+        }
+    }
+
+    fn maybe_roll(&self, appender: &mut Appender, header: &BatchHeader, batch_len: u64) -> Result<()> {
+        let active = &appender.active;
+        if active.size_bytes() == 0 {
+            return Ok(());
+        }
+        let too_big = active.size_bytes() + batch_len > self.config.segment_size_bytes;
+        let too_old = match (self.config.segment_ms, appender.active_first_append_ms) {
+            (Some(limit_ms), Some(first_ms)) => self.clock.now_ms().saturating_sub(first_ms) >= limit_ms as i64,
+            _ => false,
+        };
+        let offsets_overflow = appender.next_offset + u64::from(header.last_offset_delta) - active.base_offset() > u64::from(u32::MAX);
+        if too_big || too_old || offsets_overflow || !active.indices_have_room() {
+            self.roll(appender)?;
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts a new one at the next offset.
+    fn roll(&self, appender: &mut Appender) -> Result<()> {
+        let result = (|| {
+            appender.active.seal(&mut appender.indexing)?;
+            let (segment, indexing) = Segment::create(&*self.storage, &self.dir, appender.next_offset, &segment_config(&self.config))?;
+            self.storage.sync_dir(&self.dir)?;
+            Ok::<_, Error>((Arc::new(segment), indexing))
+        })();
+        let (segment, indexing) = match result {
+            Ok(created) => created,
+            Err(e) => {
+                self.poison(&e);
+                return Err(e);
+            }
+        };
+        {
+            let mut segments = self.segments.write();
+            let mut list = Vec::clone(&segments);
+            list.push(Arc::clone(&segment));
+            *segments = Arc::new(list);
+        }
+        appender.active = segment;
+        appender.indexing = indexing;
+        appender.active_first_append_ms = None;
+        Ok(())
+    }
+
+    fn run_flusher(&self, interval: Option<Duration>) {
+        let mut synced_end = self.end.load();
+        loop {
+            let pending = match self.commit.next_round(interval) {
+                Round::Stop => return,
+                Round::Tick => Vec::new(),
+                Round::Sync(pending) => pending,
+            };
+            let (target, active) = {
+                let appender = self.appender.lock();
+                (appender.next_offset, Arc::clone(&appender.active))
+            };
+            let result = if self.poisoned.load(Ordering::Acquire) {
+                self.check_writable()
+            } else if target == synced_end && pending.is_empty() {
+                Ok(())
+            } else {
+                active.sync()
+            };
+            match result {
+                Ok(()) => {
+                    synced_end = target;
+                    if self.config.fsync == FsyncPolicy::Always {
+                        self.end.publish(target);
+                    }
+                    for append in pending {
+                        assert!(append.target_end <= target, "a queued append's bytes were written before the sync began");
+                        append.completion.complete(Ok(append.info));
+                    }
+                }
+                Err(e) => {
+                    self.poison(&e);
+                    for append in pending {
+                        append.completion.complete(Err(Error::Poisoned { partition: self.name(), cause: e.to_string() }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads whole batches starting with the one that contains `offset`, up to `max_bytes`
+    /// (at least one batch). Returns an empty buffer at the end of the log.
+    pub fn read(&self, offset: u64, max_bytes: u64) -> Result<Bytes> {
+        let end = self.end.load();
+        let segments = Arc::clone(&self.segments.read());
+        let log_start = self.log_start_offset();
+        if offset == end {
+            return Ok(Bytes::new());
+        }
+        if offset < log_start || offset > end {
+            return Err(Error::OffsetOutOfRange { requested: offset, log_start, log_end: end });
+        }
+        let i = segments.partition_point(|s| s.base_offset() <= offset);
+        for segment in &segments[i.saturating_sub(1)..] {
+            if let Some(position) = segment.locate(offset, end)? {
+                return segment.read_at(position, max_bytes, end);
+            }
+        }
+        // Retention removed the segment between the checks above and the lookup.
+        Err(Error::OffsetOutOfRange { requested: offset, log_start: self.log_start_offset(), log_end: end })
+    }
+
+    /// Reads and decodes records from `offset` on (up to `max_bytes` of batches), dropping
+    /// the records of the first batch that precede `offset`.
+    pub fn read_records(&self, offset: u64, max_bytes: u64) -> Result<Vec<StoredRecord>> {
+        let bytes = self.read(offset, max_bytes)?;
+        let mut out = Vec::new();
+        for batch in BatchIter::new(bytes) {
+            out.extend(batch?.records()?.into_iter().filter(|r| r.offset >= offset));
+        }
+        Ok(out)
+    }
+
+    /// Offset of the first record whose timestamp is at least `timestamp_ms` ("replay from
+    /// T"), or `None` if no visible record is that recent.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+        let end = self.end.load();
+        let segments = Arc::clone(&self.segments.read());
+        for segment in segments.iter() {
+            if segment.max_timestamp_ms().is_none_or(|max| max < timestamp_ms) {
+                continue;
+            }
+            let Some((header, position)) = segment.find_by_timestamp(timestamp_ms, end)? else {
+                continue;
+            };
+            let bytes = segment.read_at(position, header.size_bytes(), end)?;
+            if let Some(batch) = BatchIter::new(bytes).next() {
+                let found = batch?.records()?.into_iter().find(|r| r.timestamp_ms >= timestamp_ms);
+                if let Some(record) = found {
+                    return Ok(Some(record.offset));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Blocks until a record at `offset` is visible (returns `true`) or `timeout` passes.
+    pub fn wait_for(&self, offset: u64, timeout: Duration) -> bool {
+        self.end.wait_past(offset, Instant::now() + timeout)
+    }
+
+    /// Completes when a record at `offset` is visible or the partition closes.
+    pub fn wait_for_async(&self, offset: u64) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.end.register(offset, cx.waker()) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
+
+    /// Deletes whole sealed segments beyond the retention limits; never the active one.
+    /// Returns the number of segments removed.
+    pub fn enforce_retention(&self) -> Result<usize> {
+        let now_ms = self.clock.now_ms();
+        let removed = {
+            let mut segments = self.segments.write();
+            let mut total: u64 = segments.iter().map(|s| s.size_bytes()).sum();
+            let mut keep_from = 0;
+            for segment in segments.iter().take(segments.len().saturating_sub(1)) {
+                let over_size = self.config.retention_bytes.is_some_and(|max| total > max);
+                let too_old = match (self.config.retention_ms, segment.max_timestamp_ms()) {
+                    (Some(limit), Some(max_ts)) => now_ms.saturating_sub(max_ts) > limit as i64,
+                    _ => false,
+                };
+                if !(over_size || too_old) {
+                    break;
+                }
+                debug_assert!(segment.is_sealed(), "only sealed segments are deleted");
+                total -= segment.size_bytes();
+                keep_from += 1;
+            }
+            if keep_from == 0 {
+                return Ok(0);
+            }
+            let removed: Vec<_> = segments[..keep_from].to_vec();
+            let kept = Arc::new(segments[keep_from..].to_vec());
+            self.log_start.store(kept[0].base_offset(), Ordering::Release);
+            *segments = kept;
+            removed
+        };
+        for segment in &removed {
+            segment.remove_files(&*self.storage)?;
+        }
+        self.storage.sync_dir(&self.dir)?;
+        Ok(removed.len())
+    }
+
+    /// Stops the flusher after it has completed every queued append. Idempotent.
+    fn stop_flusher(&self) {
+        self.commit.stop();
+        if let Some(handle) = self.flusher.lock().take() {
+            // A panicked flusher has already failed its appends; nothing more to report.
+            if handle.join().is_err() {
+                self.poisoned.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Closes the partition. With `clean`, syncs everything, trims the indices and writes
+    /// the clean-shutdown marker so the next open skips recovery. Idempotent.
+    pub fn close(&self, clean: bool) -> Result<()> {
+        {
+            let mut appender = self.appender.lock();
+            if appender.closed {
+                return Ok(());
+            }
+            appender.closed = true;
+        }
+        self.stop_flusher();
+        self.end.close();
+        if !clean || self.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut appender = self.appender.lock();
+        let Appender { active, indexing, .. } = &mut *appender;
+        active.sync()?;
+        active.close_indices(indexing)?;
+        let marker = self.dir.join(CLEAN_SHUTDOWN_FILE);
+        let file = self.storage.open(&marker, OpenMode::CreateNew)?;
+        file.sync_data()?;
+        self.storage.sync_dir(&self.dir)
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.commit.stop();
+    }
+}
+
+fn segment_config(config: &TopicConfig) -> SegmentConfig {
+    SegmentConfig { index_interval_bytes: config.index_interval_bytes, index_size_bytes: config.index_size_bytes }
+}
+
+type Opened = (Vec<Arc<Segment>>, Appender, RecoveryReport);
+
+/// Loads every segment: sealed ones trusted after their index check, the last one
+/// recovered by a full scan unless the shutdown was clean.
+fn open_segments(storage: &dyn Storage, dir: &Path, clean_shutdown: bool, config: &SegmentConfig) -> Result<Opened> {
+    let mut bases = Vec::new();
+    for path in storage.list_dir(dir)? {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if let Some(base) = parse_log_file_name(name) {
+            bases.push(base);
+        } else if name.ends_with(".index") || name.ends_with(".timeindex") {
+            // Indices without their log are leftovers of a deleted or unfinished segment.
+            if !storage.exists(&path.with_extension("log")) {
+                storage.remove_file(&path)?;
+            }
+        }
+    }
+    bases.sort_unstable();
+    let mut report = RecoveryReport { clean_shutdown, ..RecoveryReport::default() };
+    if bases.is_empty() {
+        let (segment, indexing) = Segment::create(storage, dir, 0, config)?;
+        storage.sync_dir(dir)?;
+        let segment = Arc::new(segment);
+        let appender = Appender { active: Arc::clone(&segment), indexing, next_offset: 0, active_first_append_ms: None, closed: false };
+        return Ok((vec![segment], appender, report));
+    }
+    let mut segments = Vec::with_capacity(bases.len());
+    let mut last_indexing = None;
+    for (i, &base) in bases.iter().enumerate() {
+        let kind = match bases.get(i + 1) {
+            Some(&end_offset) => OpenKind::Sealed { end_offset },
+            None if clean_shutdown => OpenKind::ActiveClean,
+            None => OpenKind::ActiveRecover,
+        };
+        let path = dir.join(crate::segment::log_file_name(base));
+        let (segment, indexing, scan) = Segment::open(storage, &path, base, kind, config)?;
+        note_scan(&mut report, &scan);
+        segments.push(Arc::new(segment));
+        last_indexing = Some(indexing);
+    }
+    let active = Arc::clone(segments.last().expect("at least one segment was opened"));
+    let indexing = last_indexing.expect("at least one segment was opened");
+    let appender = Appender {
+        next_offset: active.next_offset(),
+        active_first_append_ms: None,
+        active,
+        indexing,
+        closed: false,
+    };
+    Ok((segments, appender, report))
+}
+
+fn note_scan(report: &mut RecoveryReport, scan: &ScanReport) {
+    if scan.rebuilt_indices {
+        report.rebuilt_indices += 1;
+    }
+    if scan.truncated_bytes > 0 {
+        report.truncated_bytes += scan.truncated_bytes;
+        if let crate::segment::ScanEnd::Invalid { position, reason } = &scan.end {
+            report.truncation_reason = Some(format!("at byte {position}: {reason}"));
+        }
+    }
+}
