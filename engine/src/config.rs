@@ -6,7 +6,8 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::io::{StdStorage, Storage};
 use crate::limits::{
-    BATCH_SIZE_BYTES_MAX, INDEX_SIZE_BYTES_MAX, PARTITIONS_PER_TOPIC_MAX, SEGMENT_SIZE_BYTES_MAX, SEGMENT_SIZE_BYTES_MIN,
+    BATCH_SIZE_BYTES_MAX, INDEX_SIZE_BYTES_MAX, PARTITIONS_PER_TOPIC_MAX, SEGMENT_SIZE_BYTES_MAX,
+    SEGMENT_SIZE_BYTES_MIN,
 };
 
 /// When appended bytes are made durable.
@@ -81,13 +82,19 @@ impl TopicConfig {
             ));
         }
         if self.batch_size_bytes_max == 0 || self.batch_size_bytes_max > BATCH_SIZE_BYTES_MAX {
-            return invalid(format!("batch_size_bytes_max must be in 1..={BATCH_SIZE_BYTES_MAX}, got {}", self.batch_size_bytes_max));
+            return invalid(format!(
+                "batch_size_bytes_max must be in 1..={BATCH_SIZE_BYTES_MAX}, got {}",
+                self.batch_size_bytes_max
+            ));
         }
         if self.index_interval_bytes == 0 {
             return invalid("index_interval_bytes must be positive".into());
         }
         if !(64..=INDEX_SIZE_BYTES_MAX).contains(&self.index_size_bytes) {
-            return invalid(format!("index_size_bytes must be in 64..={INDEX_SIZE_BYTES_MAX}, got {}", self.index_size_bytes));
+            return invalid(format!(
+                "index_size_bytes must be in 64..={INDEX_SIZE_BYTES_MAX}, got {}",
+                self.index_size_bytes
+            ));
         }
         if let FsyncPolicy::Interval { interval_ms } = self.fsync {
             if interval_ms == 0 || interval_ms > DAY_MS {
@@ -113,9 +120,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
     }
 }

@@ -137,17 +137,11 @@ pub enum Error {
 impl Error {
     /// Shorthand for [`Error::Io`].
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.into(),
-            source,
-        }
+        Error::Io { op, path: path.into(), source }
     }
 
     /// Shorthand for [`Error::MalformedBatch`].
     pub(crate) fn malformed(reason: impl Into<String>) -> Self {
-        Error::MalformedBatch {
-            reason: reason.into(),
-        }
+        Error::MalformedBatch { reason: reason.into() }
     }
 }

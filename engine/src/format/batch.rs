@@ -13,8 +13,7 @@ use bytes::{Bytes, BytesMut};
 use super::varint::{get_varint, get_varlong, put_varint, put_varlong};
 use crate::error::{Error, Result};
 use crate::limits::{
-    BATCH_SIZE_BYTES_MAX, BATCH_UNCOMPRESSED_SIZE_BYTES_MAX, HEADERS_PER_RECORD_MAX,
-    RECORDS_PER_BATCH_MAX,
+    BATCH_SIZE_BYTES_MAX, BATCH_UNCOMPRESSED_SIZE_BYTES_MAX, HEADERS_PER_RECORD_MAX, RECORDS_PER_BATCH_MAX,
 };
 
 /// The batch format version this build writes and reads.
@@ -169,10 +168,7 @@ impl BatchHeader {
     /// length bounds, attribute bits, record count and producer fields; not the CRC.
     pub fn parse(buf: &[u8]) -> Result<Self> {
         if buf.len() < BATCH_HEADER_SIZE {
-            return Err(Error::malformed(format!(
-                "batch header needs {BATCH_HEADER_SIZE} bytes, got {}",
-                buf.len()
-            )));
+            return Err(Error::malformed(format!("batch header needs {BATCH_HEADER_SIZE} bytes, got {}", buf.len())));
         }
         let version = buf[VERSION_OFFSET];
         if version != BATCH_FORMAT_VERSION {
@@ -272,14 +268,12 @@ impl BatchHeader {
 fn parse_producer_fields(producer_id: i64, producer_epoch: i16, base_sequence: i32) -> Result<Option<ProducerFields>> {
     match (producer_id, producer_epoch, base_sequence) {
         (-1, -1, -1) => Ok(None),
-        (id, epoch, seq) if id >= 0 && epoch >= 0 && seq >= 0 => Ok(Some(ProducerFields {
-            producer_id: id,
-            producer_epoch: epoch,
-            base_sequence: seq,
-        })),
-        (id, epoch, seq) => Err(Error::malformed(format!(
-            "inconsistent producer fields: id {id}, epoch {epoch}, base sequence {seq}"
-        ))),
+        (id, epoch, seq) if id >= 0 && epoch >= 0 && seq >= 0 => {
+            Ok(Some(ProducerFields { producer_id: id, producer_epoch: epoch, base_sequence: seq }))
+        }
+        (id, epoch, seq) => {
+            Err(Error::malformed(format!("inconsistent producer fields: id {id}, epoch {epoch}, base sequence {seq}")))
+        }
     }
 }
 
@@ -335,19 +329,12 @@ pub struct Record {
 impl Record {
     /// A record with only a value.
     pub fn from_value(value: impl Into<Bytes>) -> Self {
-        Record {
-            value: Some(value.into()),
-            ..Record::default()
-        }
+        Record { value: Some(value.into()), ..Record::default() }
     }
 
     /// A record with a key and a value.
     pub fn keyed(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
-        Record {
-            key: Some(key.into()),
-            value: Some(value.into()),
-            ..Record::default()
-        }
+        Record { key: Some(key.into()), value: Some(value.into()), ..Record::default() }
     }
 }
 
@@ -534,12 +521,8 @@ fn put_optional_bytes(buf: &mut Vec<u8>, bytes: Option<&[u8]>) -> Result<()> {
 fn lz4_compress(records: &[u8]) -> Result<Vec<u8>> {
     use std::io::Write;
     let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(records.len() / 2 + 64));
-    encoder
-        .write_all(records)
-        .map_err(|source| Error::malformed(format!("lz4 compression failed: {source}")))?;
-    encoder
-        .finish()
-        .map_err(|source| Error::malformed(format!("lz4 compression failed: {source}")))
+    encoder.write_all(records).map_err(|source| Error::malformed(format!("lz4 compression failed: {source}")))?;
+    encoder.finish().map_err(|source| Error::malformed(format!("lz4 compression failed: {source}")))
 }
 
 fn lz4_decompress(section: &[u8]) -> Result<Vec<u8>> {
@@ -630,7 +613,8 @@ impl Batch {
 
 fn decode_record(section: &Bytes, rest: &mut &[u8], header: &BatchHeader, index: u32) -> Result<StoredRecord> {
     let len = get_varint(rest)?;
-    let len = usize::try_from(len).map_err(|_negative| Error::malformed(format!("record {index} has negative length")))?;
+    let len =
+        usize::try_from(len).map_err(|_negative| Error::malformed(format!("record {index} has negative length")))?;
     if len > rest.len() {
         return Err(Error::malformed(format!("record {index} runs past the records section")));
     }
@@ -667,13 +651,7 @@ fn decode_record(section: &Bytes, rest: &mut &[u8], header: &BatchHeader, index:
     if !body.is_empty() {
         return Err(Error::malformed(format!("record {index} has {} trailing bytes", body.len())));
     }
-    Ok(StoredRecord {
-        offset: header.base_offset + u64::from(index),
-        timestamp_ms,
-        key,
-        value,
-        headers,
-    })
+    Ok(StoredRecord { offset: header.base_offset + u64::from(index), timestamp_ms, key, value, headers })
 }
 
 /// Reads a length-prefixed byte string (-1 = null) and returns it as a zero-copy slice of

@@ -101,7 +101,11 @@ pub fn decode(buf: &[u8]) -> Result<TopicConfig> {
     }
     let version = u16_at(buf, VERSION_OFFSET);
     if version != TOPIC_META_VERSION {
-        return Err(Error::UnsupportedVersion { what: "topic metadata", found: u32::from(version), supported: u32::from(TOPIC_META_VERSION) });
+        return Err(Error::UnsupportedVersion {
+            what: "topic metadata",
+            found: u32::from(version),
+            supported: u32::from(TOPIC_META_VERSION),
+        });
     }
     let expected = u32_at(buf, CRC_OFFSET);
     let actual = crc32fast::hash(&buf[..CRC_OFFSET]);

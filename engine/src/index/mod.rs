@@ -105,14 +105,7 @@ impl<E: IndexEntry> Index<E> {
         let capacity = (capacity_bytes / E::SIZE as u64) as usize;
         file.set_len((capacity * E::SIZE) as u64)?;
         let map = file.map_write()?;
-        Ok(Index {
-            file,
-            path: path.to_path_buf(),
-            map,
-            entries: 0,
-            capacity,
-            _entry: PhantomData,
-        })
+        Ok(Index { file, path: path.to_path_buf(), map, entries: 0, capacity, _entry: PhantomData })
     }
 
     /// Opens a trimmed index: every entry in the file counts. Returns `None` when the file
@@ -128,14 +121,7 @@ impl<E: IndexEntry> Index<E> {
         }
         let entries = (len / E::SIZE as u64) as usize;
         let map = file.map_write()?;
-        Ok(Some(Index {
-            file,
-            path: path.to_path_buf(),
-            map,
-            entries,
-            capacity: entries,
-            _entry: PhantomData,
-        }))
+        Ok(Some(Index { file, path: path.to_path_buf(), map, entries, capacity: entries, _entry: PhantomData }))
     }
 
     /// Number of valid entries.

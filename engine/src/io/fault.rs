@@ -143,10 +143,7 @@ impl Storage for FaultStorage {
         let track = state.files.entry(path.to_path_buf()).or_default();
         track.written_len = len;
         track.synced_len = if mode == OpenMode::CreateNew { 0 } else { len };
-        Ok(Arc::new(FaultFile {
-            file,
-            state: Arc::clone(&self.state),
-        }))
+        Ok(Arc::new(FaultFile { file, state: Arc::clone(&self.state) }))
     }
 
     fn remove_file(&self, path: &Path) -> Result<()> {

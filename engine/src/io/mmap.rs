@@ -37,9 +37,7 @@ impl ReadMap {
         // SAFETY: the file is immutable while mapped (module invariants 1 and 2): no process
         // writes or truncates it, so the mapped bytes stay valid and unchanged.
         let map = unsafe { Mmap::map(file) }.map_err(|e| Error::io("mmap", path, e))?;
-        Ok(ReadMap {
-            map: Some(Arc::new(map)),
-        })
+        Ok(ReadMap { map: Some(Arc::new(map)) })
     }
 
     /// The mapped bytes.

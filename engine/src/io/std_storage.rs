@@ -70,10 +70,7 @@ impl StdFile {
             OpenMode::ReadWrite => options.create(false),
         };
         let file = options.open(path).map_err(|e| Error::io("open", path, e))?;
-        Ok(StdFile {
-            file,
-            path: path.to_path_buf(),
-        })
+        Ok(StdFile { file, path: path.to_path_buf() })
     }
 }
 
@@ -83,15 +80,11 @@ impl StorageFile for StdFile {
     }
 
     fn write_all_at(&self, buf: &[u8], pos: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, pos)
-            .map_err(|e| Error::io("write", &self.path, e))
+        self.file.write_all_at(buf, pos).map_err(|e| Error::io("write", &self.path, e))
     }
 
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()> {
-        self.file
-            .read_exact_at(buf, pos)
-            .map_err(|e| Error::io("read", &self.path, e))
+        self.file.read_exact_at(buf, pos).map_err(|e| Error::io("read", &self.path, e))
     }
 
     fn sync_data(&self) -> Result<()> {
@@ -99,11 +92,7 @@ impl StorageFile for StdFile {
     }
 
     fn len(&self) -> Result<u64> {
-        Ok(self
-            .file
-            .metadata()
-            .map_err(|e| Error::io("stat", &self.path, e))?
-            .len())
+        Ok(self.file.metadata().map_err(|e| Error::io("stat", &self.path, e))?.len())
     }
 
     fn set_len(&self, len: u64) -> Result<()> {

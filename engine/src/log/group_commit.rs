@@ -57,7 +57,10 @@ impl GroupCommit {
     pub fn enqueue(&self, append: PendingAppend) {
         let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         assert!(!queue.stopping, "no append is queued after the flusher is told to stop");
-        debug_assert!(queue.pending.last().is_none_or(|last| last.target_end < append.target_end), "queued in offset order");
+        debug_assert!(
+            queue.pending.last().is_none_or(|last| last.target_end < append.target_end),
+            "queued in offset order"
+        );
         queue.pending.push(append);
         self.wake.notify_one();
     }
@@ -76,10 +79,8 @@ impl GroupCommit {
             match interval {
                 None => queue = self.wake.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner),
                 Some(interval) => {
-                    let (guard, timeout) = self
-                        .wake
-                        .wait_timeout(queue, interval)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let (guard, timeout) =
+                        self.wake.wait_timeout(queue, interval).unwrap_or_else(std::sync::PoisonError::into_inner);
                     queue = guard;
                     if timeout.timed_out() && queue.pending.is_empty() && !queue.stopping {
                         return Round::Tick;

@@ -18,7 +18,9 @@ use super::group_commit::{GroupCommit, PendingAppend, Round};
 use super::visibility::EndWatch;
 use crate::config::{Clock, FsyncPolicy, TopicConfig};
 use crate::error::{Error, Result};
-use crate::format::batch::{set_base_offset, set_leader_epoch, Batch, BatchBuilder, BatchHeader, BatchIter, Compression};
+use crate::format::batch::{
+    set_base_offset, set_leader_epoch, Batch, BatchBuilder, BatchHeader, BatchIter, Compression,
+};
 use crate::format::{Record, StoredRecord};
 use crate::io::{OpenMode, Storage};
 use crate::segment::{parse_log_file_name, IndexingState, OpenKind, ScanReport, Segment, SegmentConfig};
@@ -254,7 +256,11 @@ impl Partition {
         match self.config.fsync {
             FsyncPolicy::Always => {
                 let completion = Arc::new(Completion::default());
-                self.commit.enqueue(PendingAppend { target_end: header.next_offset(), info, completion: Arc::clone(&completion) });
+                self.commit.enqueue(PendingAppend {
+                    target_end: header.next_offset(),
+                    info,
+                    completion: Arc::clone(&completion),
+                });
                 Ok(AppendHandle::pending(completion))
             }
             FsyncPolicy::Interval { .. } | FsyncPolicy::Never => {
@@ -274,7 +280,8 @@ impl Partition {
             (Some(limit_ms), Some(first_ms)) => self.clock.now_ms().saturating_sub(first_ms) >= limit_ms as i64,
             _ => false,
         };
-        let offsets_overflow = appender.next_offset + u64::from(header.last_offset_delta) - active.base_offset() > u64::from(u32::MAX);
+        let offsets_overflow =
+            appender.next_offset + u64::from(header.last_offset_delta) - active.base_offset() > u64::from(u32::MAX);
         if too_big || too_old || offsets_overflow || !active.indices_have_room() {
             self.roll(appender)?;
         }
@@ -285,7 +292,8 @@ impl Partition {
     fn roll(&self, appender: &mut Appender) -> Result<()> {
         let result = (|| {
             appender.active.seal(&mut appender.indexing)?;
-            let (segment, indexing) = Segment::create(&*self.storage, &self.dir, appender.next_offset, &segment_config(&self.config))?;
+            let (segment, indexing) =
+                Segment::create(&*self.storage, &self.dir, appender.next_offset, &segment_config(&self.config))?;
             self.storage.sync_dir(&self.dir)?;
             Ok::<_, Error>((Arc::new(segment), indexing))
         })();
@@ -334,14 +342,19 @@ impl Partition {
                         self.end.publish(target);
                     }
                     for append in pending {
-                        assert!(append.target_end <= target, "a queued append's bytes were written before the sync began");
+                        assert!(
+                            append.target_end <= target,
+                            "a queued append's bytes were written before the sync began"
+                        );
                         append.completion.complete(Ok(append.info));
                     }
                 }
                 Err(e) => {
                     self.poison(&e);
                     for append in pending {
-                        append.completion.complete(Err(Error::Poisoned { partition: self.name(), cause: e.to_string() }));
+                        append
+                            .completion
+                            .complete(Err(Error::Poisoned { partition: self.name(), cause: e.to_string() }));
                     }
                 }
             }
@@ -527,7 +540,13 @@ fn open_segments(storage: &dyn Storage, dir: &Path, clean_shutdown: bool, config
         let (segment, indexing) = Segment::create(storage, dir, 0, config)?;
         storage.sync_dir(dir)?;
         let segment = Arc::new(segment);
-        let appender = Appender { active: Arc::clone(&segment), indexing, next_offset: 0, active_first_append_ms: None, closed: false };
+        let appender = Appender {
+            active: Arc::clone(&segment),
+            indexing,
+            next_offset: 0,
+            active_first_append_ms: None,
+            closed: false,
+        };
         return Ok((vec![segment], appender, report));
     }
     let mut segments = Vec::with_capacity(bases.len());
@@ -546,13 +565,8 @@ fn open_segments(storage: &dyn Storage, dir: &Path, clean_shutdown: bool, config
     }
     let active = Arc::clone(segments.last().expect("at least one segment was opened"));
     let indexing = last_indexing.expect("at least one segment was opened");
-    let appender = Appender {
-        next_offset: active.next_offset(),
-        active_first_append_ms: None,
-        active,
-        indexing,
-        closed: false,
-    };
+    let appender =
+        Appender { next_offset: active.next_offset(), active_first_append_ms: None, active, indexing, closed: false };
     Ok((segments, appender, report))
 }
 

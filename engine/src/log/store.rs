@@ -164,12 +164,8 @@ impl Store {
 
     /// Deletes a topic and all its data.
     pub fn delete_topic(&self, name: &str) -> Result<()> {
-        let topic = self
-            .inner
-            .topics
-            .write()
-            .remove(name)
-            .ok_or_else(|| Error::TopicNotFound { topic: name.to_string() })?;
+        let topic =
+            self.inner.topics.write().remove(name).ok_or_else(|| Error::TopicNotFound { topic: name.to_string() })?;
         topic.close(false)?;
         let storage = &*self.inner.config.storage;
         let topics_dir = self.inner.dir.join(TOPICS_DIR);
@@ -190,12 +186,7 @@ impl Store {
 
     /// The named topic.
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
-        self.inner
-            .topics
-            .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::TopicNotFound { topic: name.to_string() })
+        self.inner.topics.read().get(name).cloned().ok_or_else(|| Error::TopicNotFound { topic: name.to_string() })
     }
 
     /// Partition `id` of the named topic.
@@ -326,7 +317,14 @@ fn open_topic(config: &StoreConfig, topic_dir: &Path, name: &str, topic_config: 
     let mut partitions = Vec::with_capacity(topic_config.partitions as usize);
     for id in 0..topic_config.partitions {
         let dir = topic_dir.join(id.to_string());
-        let partition = Partition::open(Arc::clone(&config.storage), Arc::clone(&config.clock), &dir, name, id, topic_config.clone())?;
+        let partition = Partition::open(
+            Arc::clone(&config.storage),
+            Arc::clone(&config.clock),
+            &dir,
+            name,
+            id,
+            topic_config.clone(),
+        )?;
         partitions.push(partition);
     }
     Ok(Topic { name: name.to_string(), config: topic_config, partitions, round_robin: AtomicU64::new(0) })

@@ -133,7 +133,12 @@ pub struct Segment {
 
 impl Segment {
     /// Creates a new, empty active segment.
-    pub fn create(storage: &dyn Storage, dir: &Path, base_offset: u64, config: &SegmentConfig) -> Result<(Self, IndexingState)> {
+    pub fn create(
+        storage: &dyn Storage,
+        dir: &Path,
+        base_offset: u64,
+        config: &SegmentConfig,
+    ) -> Result<(Self, IndexingState)> {
         let log_path = dir.join(log_file_name(base_offset));
         let log = storage.open(&log_path, OpenMode::CreateNew)?;
         let offset_index = Index::create(storage, &sibling(&log_path, "index"), config.index_size_bytes)?;
@@ -239,9 +244,7 @@ impl Segment {
         let map = self.log.map_read()?;
         let bytes = map.to_bytes();
         assert_eq!(bytes.len() as u64, self.size_bytes(), "sealed map covers every written byte");
-        self.sealed
-            .set(bytes)
-            .expect("a segment is sealed once: the appender seals only the active segment");
+        self.sealed.set(bytes).expect("a segment is sealed once: the appender seals only the active segment");
         Ok(())
     }
 
@@ -260,7 +263,13 @@ impl Segment {
 
     /// Opens an existing segment and, unless `trust_indices`, checks and possibly rebuilds
     /// its indices. `end_offset` is the next segment's base offset for a sealed segment.
-    pub fn open(storage: &dyn Storage, log_path: &Path, base_offset: u64, open: OpenKind, config: &SegmentConfig) -> Result<(Self, IndexingState, ScanReport)> {
+    pub fn open(
+        storage: &dyn Storage,
+        log_path: &Path,
+        base_offset: u64,
+        open: OpenKind,
+        config: &SegmentConfig,
+    ) -> Result<(Self, IndexingState, ScanReport)> {
         scan::open_segment(storage, log_path, base_offset, open, config)
     }
 
@@ -274,7 +283,11 @@ impl Segment {
             let index = self.offset_index.read();
             let rel = offset - self.base_offset;
             let i = index.partition_point(|e| u64::from(e.relative_offset) <= rel);
-            if i == 0 { 0 } else { u64::from(index.get(i - 1).position) }
+            if i == 0 {
+                0
+            } else {
+                u64::from(index.get(i - 1).position)
+            }
         };
         let limit = self.size_bytes();
         let mut position = start;
@@ -329,7 +342,11 @@ impl Segment {
         let start_offset = {
             let index = self.time_index.read();
             let i = index.partition_point(|e| e.timestamp_ms < timestamp_ms);
-            if i == 0 { self.base_offset } else { self.base_offset + u64::from(index.get(i - 1).relative_offset) }
+            if i == 0 {
+                self.base_offset
+            } else {
+                self.base_offset + u64::from(index.get(i - 1).relative_offset)
+            }
         };
         let Some(mut position) = self.locate(start_offset, end_offset)? else {
             return Ok(None);
@@ -366,11 +383,7 @@ impl Segment {
     }
 
     fn corrupt(&self, position: u64, error: Error) -> Error {
-        Error::Corrupt {
-            path: self.log_path.clone(),
-            pos: position,
-            reason: error.to_string(),
-        }
+        Error::Corrupt { path: self.log_path.clone(), pos: position, reason: error.to_string() }
     }
 
     /// Removes the segment's files (retention, topic deletion). Existing readers keep

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{sibling, Indices, IndexingState, OpenKind, Segment, SegmentConfig};
+use super::{sibling, IndexingState, Indices, OpenKind, Segment, SegmentConfig};
 use crate::error::{Error, Result};
 use crate::format::batch::{verify_crc, BatchHeader, BATCH_HEADER_SIZE};
 use crate::index::{Index, OffsetEntry, TimeEntry};
@@ -55,7 +55,8 @@ pub(super) fn open_segment(
     let mut offsets = Index::create(storage, &sibling(log_path, "index"), config.index_size_bytes)?;
     let mut times = Index::create(storage, &sibling(log_path, "timeindex"), config.index_size_bytes)?;
     let mut indexing = IndexingState::new(config.index_interval_bytes);
-    let scan = scan_log(&log, base_offset, len, &mut indexing, &mut Indices { offsets: &mut offsets, times: &mut times })?;
+    let scan =
+        scan_log(&log, base_offset, len, &mut indexing, &mut Indices { offsets: &mut offsets, times: &mut times })?;
     let mut report = ScanReport {
         rebuilt_indices: true,
         batches_scanned: scan.batches,
@@ -66,9 +67,16 @@ pub(super) fn open_segment(
         if scan.end != ScanEnd::Clean || scan.next_offset != end_offset {
             let (pos, reason) = match scan.end {
                 ScanEnd::Invalid { position, reason } => (position, reason),
-                ScanEnd::Clean => (len, format!("segment ends at offset {} but the next segment starts at {end_offset}", scan.next_offset)),
+                ScanEnd::Clean => (
+                    len,
+                    format!("segment ends at offset {} but the next segment starts at {end_offset}", scan.next_offset),
+                ),
             };
-            return Err(Error::Corrupt { path: log_path.to_path_buf(), pos, reason: format!("sealed segment is damaged: {reason}") });
+            return Err(Error::Corrupt {
+                path: log_path.to_path_buf(),
+                pos,
+                reason: format!("sealed segment is damaged: {reason}"),
+            });
         }
         report.truncated_bytes = 0;
     } else if scan.valid_len < len {
@@ -212,7 +220,8 @@ fn scan_log(
     indexing: &mut IndexingState,
     indices: &mut Indices<'_>,
 ) -> Result<Scan> {
-    let mut scan = Scan { batches: 0, valid_len: 0, next_offset: base_offset, max_timestamp_ms: None, end: ScanEnd::Clean };
+    let mut scan =
+        Scan { batches: 0, valid_len: 0, next_offset: base_offset, max_timestamp_ms: None, end: ScanEnd::Clean };
     let mut buf = Vec::new();
     while scan.valid_len < len {
         let position = scan.valid_len;
@@ -231,7 +240,8 @@ fn scan_log(
             }
         };
         if header.base_offset != scan.next_offset {
-            scan.end = invalid(format!("batch base offset {} where {} was expected", header.base_offset, scan.next_offset));
+            scan.end =
+                invalid(format!("batch base offset {} where {} was expected", header.base_offset, scan.next_offset));
             break;
         }
         if header.size_bytes() > len - position {
@@ -248,7 +258,8 @@ fn scan_log(
         scan.batches += 1;
         scan.valid_len += header.size_bytes();
         scan.next_offset = header.next_offset();
-        scan.max_timestamp_ms = Some(scan.max_timestamp_ms.map_or(header.max_timestamp_ms, |m| m.max(header.max_timestamp_ms)));
+        scan.max_timestamp_ms =
+            Some(scan.max_timestamp_ms.map_or(header.max_timestamp_ms, |m| m.max(header.max_timestamp_ms)));
     }
     Ok(scan)
 }
