@@ -159,6 +159,9 @@ pub struct StoreConfig {
     /// How often the background thread applies retention; `None` disables the thread
     /// (call [`crate::Store::enforce_retention`] yourself).
     pub retention_check_interval_ms: Option<u64>,
+    /// A producer id with no batch for this long is forgotten by each partition; its next
+    /// batch must then start a new sequence at 0 (Kafka's `producer.id.expiration.ms`).
+    pub producer_id_expiration_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -167,6 +170,7 @@ impl Default for StoreConfig {
             storage: Arc::new(StdStorage),
             clock: Arc::new(SystemClock),
             retention_check_interval_ms: Some(30_000),
+            producer_id_expiration_ms: DAY_MS,
         }
     }
 }

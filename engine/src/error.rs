@@ -126,6 +126,44 @@ pub enum Error {
     /// The store or partition was closed.
     #[error("the log is closed")]
     Closed,
+    /// A producer's batch does not continue its sequence: a batch is missing before it.
+    #[error("out-of-order sequence from producer {producer_id}: expected {expected}, received {received}")]
+    OutOfOrderSequence {
+        /// Producer id.
+        producer_id: i64,
+        /// The sequence the log expected next.
+        expected: i32,
+        /// The batch's base sequence.
+        received: i32,
+    },
+    /// A producer's batch is older than the batches the log remembers for it: a retry that
+    /// came too late to be answered with its original offsets.
+    #[error("duplicate sequence {received} from producer {producer_id} is older than the last 5 batches")]
+    DuplicateSequence {
+        /// Producer id.
+        producer_id: i64,
+        /// The batch's base sequence.
+        received: i32,
+    },
+    /// A newer epoch of this producer id exists: this producer instance is fenced off.
+    #[error("producer {producer_id} with epoch {epoch} is fenced by epoch {current_epoch}")]
+    ProducerFenced {
+        /// Producer id.
+        producer_id: i64,
+        /// Epoch in the batch.
+        epoch: i16,
+        /// Current epoch.
+        current_epoch: i16,
+    },
+    /// The producer id was never issued, or its state expired and the batch does not start
+    /// a new sequence at 0.
+    #[error("unknown or expired producer id {producer_id} (batch starts at sequence {base_sequence})")]
+    UnknownProducerId {
+        /// Producer id.
+        producer_id: i64,
+        /// The batch's base sequence.
+        base_sequence: i32,
+    },
     /// Another process holds the store directory.
     #[error("store directory {path} is locked by another process")]
     Locked {

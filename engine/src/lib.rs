@@ -29,12 +29,14 @@ pub mod index;
 pub mod io;
 pub mod limits;
 pub mod log;
+pub mod producer;
 pub mod segment;
 pub(crate) mod sync;
 
 pub use config::{Clock, FsyncPolicy, ManualClock, StoreConfig, SystemClock, TopicConfig};
 pub use error::{Error, Result};
-pub use format::{Compression, Header, Record, StoredRecord};
+pub use format::{Compression, Header, ProducerFields, Record, StoredRecord};
 pub use log::completion::{AppendHandle, AppendInfo};
 pub use log::partition::{Partition, RecoveryReport};
 pub use log::store::{Store, Topic};
+pub use producer::ProducerIdentity;

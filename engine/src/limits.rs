@@ -30,6 +30,12 @@ pub const INDEX_SIZE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Most partitions per topic.
 pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
 
+/// Most producer ids whose state one partition keeps (bounds the snapshot a reader accepts).
+pub const PRODUCERS_PER_PARTITION_MAX: u32 = 1_000_000;
+
+/// Longest transactional id, in bytes.
+pub const TRANSACTIONAL_ID_LEN_MAX: usize = 249;
+
 /// Longest topic name, as in Kafka (file-name limits leave room for the partition suffix).
 pub const TOPIC_NAME_LEN_MAX: usize = 249;
 

@@ -68,3 +68,18 @@ pub trait StorageFile: Send + Sync + Debug {
     /// Maps the whole file read-write (shared).
     fn map_write(&self) -> Result<WriteMap>;
 }
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
+/// write a temporary file, sync it, rename it over `path`, sync the directory.
+pub fn write_atomically(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    if storage.exists(&tmp) {
+        storage.remove_file(&tmp)?;
+    }
+    let file = storage.open(&tmp, OpenMode::CreateNew)?;
+    file.write_all_at(bytes, 0)?;
+    file.sync_data()?;
+    storage.rename(&tmp, path)?;
+    let parent = path.parent().expect("a file path has a parent directory");
+    storage.sync_dir(parent)
+}

@@ -17,6 +17,9 @@ pub struct AppendInfo {
     pub base_offset: u64,
     /// Offset of the batch's last record.
     pub last_offset: u64,
+    /// Whether the batch was a producer's retry of a batch already in the log, answered
+    /// with the original offsets instead of being appended again.
+    pub duplicate: bool,
 }
 
 #[derive(Debug, Default)]

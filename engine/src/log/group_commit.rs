@@ -51,16 +51,12 @@ impl GroupCommit {
         Self::default()
     }
 
-    /// Queues an append. The caller holds the appender lock, so enqueues happen in offset
-    /// order and never after [`GroupCommit::stop`] (which runs after the log is closed
-    /// under that lock).
+    /// Queues an append (or a producer's retry waiting for its original's sync). The caller
+    /// holds the appender lock, so nothing is queued after [`GroupCommit::stop`] (which runs
+    /// after the log is closed under that lock).
     pub fn enqueue(&self, append: PendingAppend) {
         let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         assert!(!queue.stopping, "no append is queued after the flusher is told to stop");
-        debug_assert!(
-            queue.pending.last().is_none_or(|last| last.target_end < append.target_end),
-            "queued in offset order"
-        );
         queue.pending.push(append);
         self.wake.notify_one();
     }

@@ -21,8 +21,11 @@ use crate::error::{Error, Result};
 use crate::format::batch::{
     set_base_offset, set_leader_epoch, Batch, BatchBuilder, BatchHeader, BatchIter, Compression,
 };
-use crate::format::{Record, StoredRecord};
+use crate::format::{ProducerFields, Record, StoredRecord};
 use crate::io::{OpenMode, Storage};
+use crate::limits::PRODUCERS_PER_PARTITION_MAX;
+use crate::producer::state::increment_sequence;
+use crate::producer::{snapshot, BatchMetadata, ProducerRegistry, ProducerStates, SequenceCheck};
 use crate::segment::{parse_log_file_name, IndexingState, OpenKind, ScanReport, Segment, SegmentConfig};
 
 /// Name of the file whose presence says the partition was closed cleanly.
@@ -36,8 +39,26 @@ struct Appender {
     next_offset: u64,
     /// Wall-clock time of the active segment's first batch (for roll by age).
     active_first_append_ms: Option<i64>,
+    /// Idempotent-producer state as of `next_offset`.
+    producers: ProducerStates,
     closed: bool,
 }
+
+/// What a partition needs from its store besides its own configuration.
+#[derive(Clone, Debug)]
+pub struct PartitionContext {
+    /// File access.
+    pub storage: Arc<dyn Storage>,
+    /// Time source.
+    pub clock: Arc<dyn Clock>,
+    /// The store's producer ids (for "was this id issued" and fencing checks).
+    pub registry: Arc<ProducerRegistry>,
+    /// Producer ids idle for longer are forgotten.
+    pub producer_id_expiration_ms: u64,
+}
+
+/// Snapshots kept per partition; older ones are deleted when a new one is written.
+const SNAPSHOTS_KEPT: usize = 2;
 
 /// What opening a partition found; useful to operators and tests.
 #[derive(Clone, Debug, Default)]
@@ -61,6 +82,8 @@ pub struct Partition {
     config: TopicConfig,
     storage: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
+    registry: Arc<ProducerRegistry>,
+    producer_id_expiration_ms: u64,
     appender: Mutex<Appender>,
     segments: RwLock<Arc<Vec<Arc<Segment>>>>,
     end: EndWatch,
@@ -76,13 +99,13 @@ impl Partition {
     /// Opens (or creates) the partition in `dir`, recovering it if it was not closed
     /// cleanly, and starts its flusher thread when the policy needs one.
     pub fn open(
-        storage: Arc<dyn Storage>,
-        clock: Arc<dyn Clock>,
+        context: &PartitionContext,
         dir: &Path,
         topic: &str,
         id: u32,
         config: TopicConfig,
     ) -> Result<Arc<Self>> {
+        let storage = Arc::clone(&context.storage);
         storage.create_dir_all(dir)?;
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
         let clean_shutdown = storage.exists(&marker);
@@ -92,8 +115,9 @@ impl Partition {
             storage.sync_dir(dir)?;
         }
         let seg_config = segment_config(&config);
-        let (segments, appender, recovery) = open_segments(&*storage, dir, clean_shutdown, &seg_config)?;
+        let (segments, mut appender, recovery) = open_segments(&*storage, dir, clean_shutdown, &seg_config)?;
         let log_start = segments.first().map_or(0, |s| s.base_offset());
+        appender.producers = load_producer_state(&*storage, dir, &segments, appender.next_offset)?;
         let end = appender.next_offset;
         let partition = Arc::new(Partition {
             topic: topic.to_string(),
@@ -101,7 +125,9 @@ impl Partition {
             dir: dir.to_path_buf(),
             config,
             storage,
-            clock,
+            clock: Arc::clone(&context.clock),
+            registry: Arc::clone(&context.registry),
+            producer_id_expiration_ms: context.producer_id_expiration_ms,
             appender: Mutex::new(appender),
             segments: RwLock::new(Arc::new(segments)),
             end: EndWatch::new(end),
@@ -199,7 +225,31 @@ impl Partition {
 
     /// Encodes `records` into one batch and appends it.
     pub fn append_records(&self, records: &[Record], compression: Compression) -> Result<AppendHandle> {
+        self.append_records_from(None, records, compression)
+    }
+
+    /// Encodes `records` into one batch of an idempotent producer and appends it. A retry
+    /// of one of the producer's last 5 batches is not appended again: the handle answers
+    /// with the original offsets and `duplicate: true`.
+    pub fn append_producer_records(
+        &self,
+        producer: ProducerFields,
+        records: &[Record],
+        compression: Compression,
+    ) -> Result<AppendHandle> {
+        self.append_records_from(Some(producer), records, compression)
+    }
+
+    fn append_records_from(
+        &self,
+        producer: Option<ProducerFields>,
+        records: &[Record],
+        compression: Compression,
+    ) -> Result<AppendHandle> {
         let mut builder = BatchBuilder::new(compression, self.clock.now_ms());
+        if let Some(producer) = producer {
+            builder = builder.producer(producer);
+        }
         for record in records {
             builder.push(record)?;
         }
@@ -239,6 +289,13 @@ impl Partition {
             return Err(Error::Closed);
         }
         self.check_writable()?;
+        let producer = match header.producer {
+            None => None,
+            Some(fields) => match self.check_producer(&mut appender, &fields, header.record_count)? {
+                SequenceCheck::Duplicate(original) => return Ok(self.ack_duplicate(&original)),
+                SequenceCheck::Append => Some(fields),
+            },
+        };
         self.maybe_roll(&mut appender, &header, batch.len() as u64)?;
         let base_offset = appender.next_offset;
         set_base_offset(&mut batch, base_offset);
@@ -252,7 +309,10 @@ impl Partition {
         }
         appender.next_offset = header.next_offset();
         appender.active_first_append_ms.get_or_insert_with(|| self.clock.now_ms());
-        let info = AppendInfo { base_offset, last_offset: header.last_offset() };
+        if let Some(fields) = producer {
+            appender.producers.record(&fields, batch_metadata(&fields, &header));
+        }
+        let info = AppendInfo { base_offset, last_offset: header.last_offset(), duplicate: false };
         match self.config.fsync {
             FsyncPolicy::Always => {
                 let completion = Arc::new(Completion::default());
@@ -268,6 +328,44 @@ impl Partition {
                 Ok(AppendHandle::ready(Ok(info)))
             }
         }
+    }
+
+    /// Asks the store's registry and the partition's producer state about a batch.
+    fn check_producer(
+        &self,
+        appender: &mut Appender,
+        fields: &ProducerFields,
+        record_count: u32,
+    ) -> Result<SequenceCheck> {
+        self.registry.check(fields.producer_id, fields.producer_epoch, fields.base_sequence)?;
+        let now_ms = self.clock.now_ms();
+        appender.producers.expire_producer(fields.producer_id, now_ms, self.producer_id_expiration_ms);
+        if appender.producers.get(fields.producer_id).is_none()
+            && appender.producers.len() >= PRODUCERS_PER_PARTITION_MAX as usize
+        {
+            return Err(Error::LimitExceeded {
+                limit: "PRODUCERS_PER_PARTITION_MAX",
+                max: u64::from(PRODUCERS_PER_PARTITION_MAX),
+                actual: appender.producers.len() as u64 + 1,
+            });
+        }
+        appender.producers.check(fields, record_count)
+    }
+
+    /// Answers a retried batch with its original offsets once they are acknowledged.
+    fn ack_duplicate(&self, original: &BatchMetadata) -> AppendHandle {
+        let info = AppendInfo { base_offset: original.base_offset, last_offset: original.last_offset, duplicate: true };
+        if original.last_offset < self.end.load() {
+            return AppendHandle::ready(Ok(info));
+        }
+        // The original is written but its sync is still pending: wait for the same sync.
+        let completion = Arc::new(Completion::default());
+        self.commit.enqueue(PendingAppend {
+            target_end: original.last_offset + 1,
+            info,
+            completion: Arc::clone(&completion),
+        });
+        AppendHandle::pending(completion)
     }
 
     fn maybe_roll(&self, appender: &mut Appender, header: &BatchHeader, batch_len: u64) -> Result<()> {
@@ -292,6 +390,8 @@ impl Partition {
     fn roll(&self, appender: &mut Appender) -> Result<()> {
         let result = (|| {
             appender.active.seal(&mut appender.indexing)?;
+            appender.producers.expire(self.clock.now_ms(), self.producer_id_expiration_ms);
+            self.write_snapshot(&appender.producers, appender.next_offset)?;
             let (segment, indexing) =
                 Segment::create(&*self.storage, &self.dir, appender.next_offset, &segment_config(&self.config))?;
             self.storage.sync_dir(&self.dir)?;
@@ -313,6 +413,18 @@ impl Partition {
         appender.active = segment;
         appender.indexing = indexing;
         appender.active_first_append_ms = None;
+        Ok(())
+    }
+
+    /// Writes the producer state as of `offset` and deletes all but the newest snapshots.
+    fn write_snapshot(&self, producers: &ProducerStates, offset: u64) -> Result<()> {
+        let path = self.dir.join(snapshot::file_name(offset));
+        crate::io::write_atomically(&*self.storage, &path, &snapshot::encode(producers, offset))?;
+        let mut offsets = list_snapshots(&*self.storage, &self.dir)?;
+        offsets.sort_unstable_by(|a, b| b.cmp(a));
+        for old in offsets.into_iter().skip(SNAPSHOTS_KEPT) {
+            self.storage.remove_file(&self.dir.join(snapshot::file_name(old)))?;
+        }
         Ok(())
     }
 
@@ -497,9 +609,10 @@ impl Partition {
             return Ok(());
         }
         let mut appender = self.appender.lock();
-        let Appender { active, indexing, .. } = &mut *appender;
+        let Appender { active, indexing, producers, next_offset, .. } = &mut *appender;
         active.sync()?;
         active.close_indices(indexing)?;
+        self.write_snapshot(producers, *next_offset)?;
         let marker = self.dir.join(CLEAN_SHUTDOWN_FILE);
         let file = self.storage.open(&marker, OpenMode::CreateNew)?;
         file.sync_data()?;
@@ -545,6 +658,7 @@ fn open_segments(storage: &dyn Storage, dir: &Path, clean_shutdown: bool, config
             indexing,
             next_offset: 0,
             active_first_append_ms: None,
+            producers: ProducerStates::new(),
             closed: false,
         };
         return Ok((vec![segment], appender, report));
@@ -565,8 +679,14 @@ fn open_segments(storage: &dyn Storage, dir: &Path, clean_shutdown: bool, config
     }
     let active = Arc::clone(segments.last().expect("at least one segment was opened"));
     let indexing = last_indexing.expect("at least one segment was opened");
-    let appender =
-        Appender { next_offset: active.next_offset(), active_first_append_ms: None, active, indexing, closed: false };
+    let appender = Appender {
+        next_offset: active.next_offset(),
+        active_first_append_ms: None,
+        active,
+        indexing,
+        producers: ProducerStates::new(),
+        closed: false,
+    };
     Ok((segments, appender, report))
 }
 
@@ -580,4 +700,73 @@ fn note_scan(report: &mut RecoveryReport, scan: &ScanReport) {
             report.truncation_reason = Some(format!("at byte {position}: {reason}"));
         }
     }
+}
+
+fn batch_metadata(fields: &ProducerFields, header: &BatchHeader) -> BatchMetadata {
+    BatchMetadata {
+        first_sequence: fields.base_sequence,
+        last_sequence: increment_sequence(fields.base_sequence, header.record_count - 1),
+        base_offset: header.base_offset,
+        last_offset: header.last_offset(),
+        timestamp_ms: header.max_timestamp_ms,
+    }
+}
+
+fn list_snapshots(storage: &dyn Storage, dir: &Path) -> Result<Vec<u64>> {
+    Ok(storage
+        .list_dir(dir)?
+        .iter()
+        .filter_map(|p| p.file_name().and_then(|n| n.to_str()).and_then(snapshot::parse_file_name))
+        .collect())
+}
+
+/// Rebuilds producer state: the newest readable snapshot at or below the log end, then
+/// every producer batch after it. Snapshots past the end (the log was truncated below
+/// them) and damaged ones are deleted; without any, the state is rebuilt from the whole log.
+fn load_producer_state(
+    storage: &dyn Storage,
+    dir: &Path,
+    segments: &[Arc<Segment>],
+    end_offset: u64,
+) -> Result<ProducerStates> {
+    let mut offsets = list_snapshots(storage, dir)?;
+    offsets.sort_unstable_by(|a, b| b.cmp(a));
+    let log_start = segments.first().map_or(0, |s| s.base_offset());
+    let mut loaded = None;
+    for offset in offsets {
+        let path = dir.join(snapshot::file_name(offset));
+        if offset > end_offset || loaded.is_some() {
+            if offset > end_offset {
+                storage.remove_file(&path)?;
+            }
+            continue;
+        }
+        match read_snapshot(storage, &path) {
+            Ok((states, at)) if at == offset => loaded = Some((states, offset)),
+            // A damaged snapshot is only a cache of the log: drop it and use an older one
+            // or the log itself.
+            _ => storage.remove_file(&path)?,
+        }
+    }
+    let (mut states, from) = loaded.unwrap_or_else(|| (ProducerStates::new(), log_start));
+    let from = from.max(log_start);
+    for segment in segments.iter().filter(|s| s.next_offset() > from) {
+        segment.visit_headers(from, end_offset, |header| {
+            if let Some(fields) = header.producer {
+                states.record(&fields, batch_metadata(&fields, header));
+            }
+        })?;
+    }
+    Ok(states)
+}
+
+fn read_snapshot(storage: &dyn Storage, path: &Path) -> Result<(ProducerStates, u64)> {
+    let file = storage.open(path, OpenMode::ReadWrite)?;
+    let len = file.len()?;
+    if len > snapshot::SNAPSHOT_SIZE_BYTES_MAX {
+        return Err(Error::Corrupt { path: path.to_path_buf(), pos: 0, reason: "snapshot too large".into() });
+    }
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, 0)?;
+    snapshot::decode(&buf)
 }

@@ -17,14 +17,15 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::completion::AppendHandle;
-use super::partition::Partition;
+use super::partition::{Partition, PartitionContext};
 use super::partitioner::partition_for_key;
 use crate::config::{StoreConfig, TopicConfig};
 use crate::error::{Error, Result};
 use crate::format::topic_meta;
 use crate::format::{Compression, Record};
-use crate::io::{OpenMode, Storage};
+use crate::io::OpenMode;
 use crate::limits::TOPIC_NAME_LEN_MAX;
+use crate::producer::{ProducerIdentity, ProducerRegistry};
 
 const TOPICS_DIR: &str = "topics";
 const TOPIC_META_FILE: &str = "topic.meta";
@@ -95,6 +96,7 @@ impl Topic {
 struct StoreInner {
     dir: PathBuf,
     config: StoreConfig,
+    context: PartitionContext,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Held for the store's lifetime: keeps other processes from opening the directory.
     _lock: File,
@@ -125,8 +127,15 @@ impl Store {
         let storage = Arc::clone(&config.storage);
         storage.create_dir_all(&dir.join(TOPICS_DIR))?;
         let lock = lock_dir(&dir)?;
-        let topics = load_topics(&config, &dir)?;
-        let inner = Arc::new(StoreInner { dir, config, topics: RwLock::new(topics), _lock: lock });
+        let registry = Arc::new(ProducerRegistry::open(Arc::clone(&storage), &dir)?);
+        let context = PartitionContext {
+            storage,
+            clock: Arc::clone(&config.clock),
+            registry,
+            producer_id_expiration_ms: config.producer_id_expiration_ms,
+        };
+        let topics = load_topics(&context, &dir)?;
+        let inner = Arc::new(StoreInner { dir, config, context, topics: RwLock::new(topics), _lock: lock });
         let stop = Arc::new(Stop::default());
         let maintenance = match inner.config.retention_check_interval_ms {
             None => None,
@@ -155,9 +164,9 @@ impl Store {
             storage.remove_dir_all(&topic_dir)?;
         }
         storage.create_dir_all(&topic_dir)?;
-        write_atomically(storage, &topic_dir.join(TOPIC_META_FILE), &topic_meta::encode(&config))?;
+        crate::io::write_atomically(storage, &topic_dir.join(TOPIC_META_FILE), &topic_meta::encode(&config))?;
         storage.sync_dir(&self.inner.dir.join(TOPICS_DIR))?;
-        let topic = Arc::new(open_topic(&self.inner.config, &topic_dir, name, config)?);
+        let topic = Arc::new(open_topic(&self.inner.context, &topic_dir, name, config)?);
         topics.insert(name.to_string(), Arc::clone(&topic));
         Ok(topic)
     }
@@ -192,6 +201,12 @@ impl Store {
     /// Partition `id` of the named topic.
     pub fn partition(&self, name: &str, id: u32) -> Result<Arc<Partition>> {
         self.topic(name)?.partition(id).cloned()
+    }
+
+    /// Issues an idempotent producer identity. With a transactional id, re-initialising
+    /// returns the same producer id with a higher epoch and fences the previous instance.
+    pub fn init_producer(&self, transactional_id: Option<&str>) -> Result<ProducerIdentity> {
+        self.inner.context.registry.init_producer(transactional_id)
     }
 
     /// Applies retention to every partition now; returns the number of segments removed.
@@ -282,8 +297,8 @@ fn lock_dir(dir: &Path) -> Result<File> {
     }
 }
 
-fn load_topics(config: &StoreConfig, dir: &Path) -> Result<BTreeMap<String, Arc<Topic>>> {
-    let storage = &*config.storage;
+fn load_topics(context: &PartitionContext, dir: &Path) -> Result<BTreeMap<String, Arc<Topic>>> {
+    let storage = &*context.storage;
     let topics_dir = dir.join(TOPICS_DIR);
     let mut topics = BTreeMap::new();
     for path in storage.list_dir(&topics_dir)? {
@@ -307,42 +322,20 @@ fn load_topics(config: &StoreConfig, dir: &Path) -> Result<BTreeMap<String, Arc<
             pos: 0,
             reason: e.to_string(),
         })?;
-        let topic = open_topic(config, &path, &name, topic_config)?;
+        let topic = open_topic(context, &path, &name, topic_config)?;
         topics.insert(name, Arc::new(topic));
     }
     Ok(topics)
 }
 
-fn open_topic(config: &StoreConfig, topic_dir: &Path, name: &str, topic_config: TopicConfig) -> Result<Topic> {
+fn open_topic(context: &PartitionContext, topic_dir: &Path, name: &str, topic_config: TopicConfig) -> Result<Topic> {
     let mut partitions = Vec::with_capacity(topic_config.partitions as usize);
     for id in 0..topic_config.partitions {
         let dir = topic_dir.join(id.to_string());
-        let partition = Partition::open(
-            Arc::clone(&config.storage),
-            Arc::clone(&config.clock),
-            &dir,
-            name,
-            id,
-            topic_config.clone(),
-        )?;
+        let partition = Partition::open(context, &dir, name, id, topic_config.clone())?;
         partitions.push(partition);
     }
     Ok(Topic { name: name.to_string(), config: topic_config, partitions, round_robin: AtomicU64::new(0) })
-}
-
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
-/// write a temporary file, sync it, rename it over `path`, sync the directory.
-fn write_atomically(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    if storage.exists(&tmp) {
-        storage.remove_file(&tmp)?;
-    }
-    let file = storage.open(&tmp, OpenMode::CreateNew)?;
-    file.write_all_at(bytes, 0)?;
-    file.sync_data()?;
-    storage.rename(&tmp, path)?;
-    let parent = path.parent().expect("a file path has a parent directory");
-    storage.sync_dir(parent)
 }
 
 /// Checks a topic name: 1 to 249 characters of `[A-Za-z0-9._-]`, not starting with `.`.

@@ -308,7 +308,10 @@ impl Segment {
     /// `end_offset`. Sealed segments answer with a zero-copy view of their map.
     pub fn read_at(&self, position: u64, max_bytes: u64, end_offset: u64) -> Result<Bytes> {
         let limit = self.size_bytes();
-        let mut window = self.window(position, max_bytes.min(limit.saturating_sub(position)))?;
+        // Look at least at one batch header: with a smaller window the length prefix does
+        // not parse and the read would come back empty, as if at the end of the log.
+        let first_window = max_bytes.max(BATCH_HEADER_SIZE as u64);
+        let mut window = self.window(position, first_window.min(limit.saturating_sub(position)))?;
         let mut taken = 0u64;
         loop {
             let rest = &window[taken as usize..];
@@ -362,6 +365,23 @@ impl Segment {
             position += header.size_bytes();
         }
         Ok(None)
+    }
+
+    /// Calls `visit` with the header of every batch from the one containing `from_offset`
+    /// up to (not including) `end_offset` (recovery replays producer state this way).
+    pub fn visit_headers(&self, from_offset: u64, end_offset: u64, mut visit: impl FnMut(&BatchHeader)) -> Result<()> {
+        let Some(mut position) = self.locate(from_offset.max(self.base_offset), end_offset)? else {
+            return Ok(());
+        };
+        let limit = self.size_bytes();
+        while let Some(header) = self.header_at(position, limit)? {
+            if header.base_offset >= end_offset {
+                break;
+            }
+            visit(&header);
+            position += header.size_bytes();
+        }
+        Ok(())
     }
 
     fn window(&self, position: u64, len: u64) -> Result<Bytes> {
