@@ -23,6 +23,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod config;
+pub mod cursor;
 pub mod error;
 pub mod format;
 pub mod index;

@@ -36,6 +36,13 @@ pub const PRODUCERS_PER_PARTITION_MAX: u32 = 1_000_000;
 /// Longest transactional id, in bytes.
 pub const TRANSACTIONAL_ID_LEN_MAX: usize = 249;
 
+/// Longest consumer group name, in bytes.
+pub const CONSUMER_GROUP_LEN_MAX: usize = 249;
+
+/// Most committed offsets a store keeps (each a (group, topic, partition) key); bounds the
+/// checkpoint file that every commit rewrites.
+pub const COMMITTED_OFFSETS_MAX: usize = 100_000;
+
 /// Longest topic name, as in Kafka (file-name limits leave room for the partition suffix).
 pub const TOPIC_NAME_LEN_MAX: usize = 249;
 

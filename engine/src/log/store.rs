@@ -20,6 +20,7 @@ use super::completion::AppendHandle;
 use super::partition::{Partition, PartitionContext};
 use super::partitioner::partition_for_key;
 use crate::config::{StoreConfig, TopicConfig};
+use crate::cursor::ConsumerOffsets;
 use crate::error::{Error, Result};
 use crate::format::topic_meta;
 use crate::format::{Compression, Record};
@@ -97,6 +98,7 @@ struct StoreInner {
     dir: PathBuf,
     config: StoreConfig,
     context: PartitionContext,
+    offsets: ConsumerOffsets,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Held for the store's lifetime: keeps other processes from opening the directory.
     _lock: File,
@@ -134,8 +136,9 @@ impl Store {
             registry,
             producer_id_expiration_ms: config.producer_id_expiration_ms,
         };
+        let offsets = ConsumerOffsets::open(Arc::clone(&context.storage), &dir)?;
         let topics = load_topics(&context, &dir)?;
-        let inner = Arc::new(StoreInner { dir, config, context, topics: RwLock::new(topics), _lock: lock });
+        let inner = Arc::new(StoreInner { dir, config, context, offsets, topics: RwLock::new(topics), _lock: lock });
         let stop = Arc::new(Stop::default());
         let maintenance = match inner.config.retention_check_interval_ms {
             None => None,
@@ -207,6 +210,11 @@ impl Store {
     /// returns the same producer id with a higher epoch and fences the previous instance.
     pub fn init_producer(&self, transactional_id: Option<&str>) -> Result<ProducerIdentity> {
         self.inner.context.registry.init_producer(transactional_id)
+    }
+
+    /// Committed consumer offsets.
+    pub fn consumer_offsets(&self) -> &ConsumerOffsets {
+        &self.inner.offsets
     }
 
     /// Applies retention to every partition now; returns the number of segments removed.
