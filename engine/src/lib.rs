@@ -30,6 +30,7 @@ pub mod index;
 pub mod io;
 pub mod limits;
 pub mod log;
+pub mod metrics;
 pub mod producer;
 pub mod segment;
 pub(crate) mod sync;

@@ -24,6 +24,7 @@ use crate::format::batch::{
 use crate::format::{ProducerFields, Record, StoredRecord};
 use crate::io::{OpenMode, Storage};
 use crate::limits::PRODUCERS_PER_PARTITION_MAX;
+use crate::metrics::{HistogramSnapshot, LatencyHistogram};
 use crate::producer::state::increment_sequence;
 use crate::producer::{snapshot, BatchMetadata, ProducerRegistry, ProducerStates, SequenceCheck};
 use crate::segment::{parse_log_file_name, IndexingState, OpenKind, ScanReport, Segment, SegmentConfig};
@@ -93,6 +94,7 @@ pub struct Partition {
     commit: GroupCommit,
     flusher: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
+    fsync_latency: LatencyHistogram,
 }
 
 impl Partition {
@@ -137,6 +139,7 @@ impl Partition {
             commit: GroupCommit::new(),
             flusher: Mutex::new(None),
             recovery,
+            fsync_latency: LatencyHistogram::default(),
         });
         partition.start_flusher()?;
         Ok(partition)
@@ -191,6 +194,11 @@ impl Partition {
     /// the fsync policy and readable.
     pub fn end_offset(&self) -> u64 {
         self.end.load()
+    }
+
+    /// Latency of the flusher's `fdatasync` calls.
+    pub fn fsync_latency(&self) -> HistogramSnapshot {
+        self.fsync_latency.snapshot()
     }
 
     /// Number of segments.
@@ -445,7 +453,10 @@ impl Partition {
             } else if target == synced_end && pending.is_empty() {
                 Ok(())
             } else {
-                active.sync()
+                let started = Instant::now();
+                let result = active.sync();
+                self.fsync_latency.record_us(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+                result
             };
             match result {
                 Ok(()) => {
