@@ -7,9 +7,14 @@
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod cmd;
+pub mod config;
+pub mod conn;
 pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod messages;
+pub mod metrics;
+pub mod server;
 
 pub use error::{Error, ErrorCode, Result};

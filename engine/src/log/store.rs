@@ -224,8 +224,14 @@ impl Store {
 
     /// Clean shutdown: completes pending appends, syncs, trims indices and writes each
     /// partition's clean-shutdown marker.
-    pub fn close(mut self) -> Result<()> {
-        self.stop_maintenance();
+    pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    /// [`Store::close`] through a shared reference (a server holding the store in an `Arc`).
+    /// Afterwards every append fails with [`Error::Closed`]. Idempotent.
+    pub fn shutdown(&self) -> Result<()> {
+        self.signal_maintenance_stop();
         let topics: Vec<_> = self.inner.topics.read().values().cloned().collect();
         let mut first_error = None;
         for topic in topics {
@@ -236,9 +242,13 @@ impl Store {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn stop_maintenance(&mut self) {
+    fn signal_maintenance_stop(&self) {
         *self.stop.stopped.lock() = true;
         self.stop.signal.notify_all();
+    }
+
+    fn stop_maintenance(&mut self) {
+        self.signal_maintenance_stop();
         if let Some(handle) = self.maintenance.take() {
             // The maintenance thread only applies retention; a panic there loses nothing.
             drop(handle.join());

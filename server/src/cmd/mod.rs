@@ -1,0 +1,69 @@
+//! Request execution: one function per request kind, each a thin call into the engine.
+//! Calls that may `fsync` (topic creation and deletion, offset commits, producer-id
+//! reservation) run on the blocking pool; appends await the engine's handle, so no tokio
+//! worker ever waits on a disk sync.
+
+mod admin;
+mod fetch;
+mod offsets;
+pub mod produce;
+mod topics;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use rill_engine::Store;
+use tokio::sync::watch;
+
+use crate::config::ServerConfig;
+use crate::error::{Error, Result};
+use crate::messages::{Request, Response};
+use crate::metrics::Metrics;
+
+/// What every request handler can reach.
+#[derive(Debug)]
+pub struct Shared {
+    /// The engine.
+    pub store: Arc<Store>,
+    /// Configuration in force.
+    pub config: ServerConfig,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Request bytes in flight in the whole server.
+    pub inflight_bytes: AtomicU64,
+    /// Turns `true` when shutdown begins (long polls end early).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Executes one request. (The connection appends produce batches itself, in order, via
+/// [`produce::start`]; this path serves callers that do not pipeline.)
+pub async fn execute(shared: &Arc<Shared>, request: Request) -> Result<Response> {
+    match request {
+        Request::ApiVersions => Ok(admin::api_versions()),
+        Request::Stats => Ok(Response::Stats(shared.metrics.stats())),
+        Request::InitProducerId { transactional_id } => admin::init_producer_id(shared, transactional_id).await,
+        Request::Metadata { topics } => topics::metadata(shared, &topics),
+        Request::ListTopics => Ok(Response::ListTopics(shared.store.topics())),
+        Request::CreateTopic { name, settings } => topics::create(shared, name, settings).await,
+        Request::DeleteTopic { name } => topics::delete(shared, name).await,
+        Request::Produce { topic, partition, batch, .. } => {
+            let pending = produce::start(shared, topic, partition, batch)?;
+            produce::finish(shared, pending).await
+        }
+        Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
+            fetch::fetch(shared, &topic, partition, offset, max_bytes, max_wait_ms).await
+        }
+        Request::ListOffsets { topic, partition, query } => offsets::list_offsets(shared, &topic, partition, query),
+        Request::CommitOffset { group, topic, partition, offset } => {
+            offsets::commit(shared, group, topic, partition, offset).await
+        }
+        Request::FetchOffset { group, topic, partition } => offsets::fetch_offset(shared, &group, &topic, partition),
+    }
+}
+
+/// Runs blocking engine work (anything that may fsync) off the async workers.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Io { op: "blocking task", source: std::io::Error::other(e.to_string()) })?
+}

@@ -1,0 +1,43 @@
+//! `Produce`: validate and append one batch, answer once the engine acknowledges it.
+//!
+//! The append itself happens in [`start`], called by the connection in request order, so
+//! pipelined batches from one connection land in the order they were sent; only the wait
+//! for the acknowledgement (the fsync under `fsync = always`) runs concurrently.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use rill_engine::AppendHandle;
+
+use super::Shared;
+use crate::error::Result;
+use crate::messages::Response;
+
+/// An appended batch waiting for its acknowledgement.
+#[derive(Debug)]
+pub struct PendingProduce {
+    handle: AppendHandle,
+    topic: String,
+    size_bytes: u64,
+}
+
+/// Checks and appends `batch` (wire bytes = on-disk format v1); the engine validates it
+/// fully before writing and assigns its offsets. Never waits for a sync.
+pub fn start(shared: &Shared, topic: String, partition: u32, batch: Bytes) -> Result<PendingProduce> {
+    let p = shared.store.partition(&topic, partition)?;
+    let size_bytes = batch.len() as u64;
+    let handle = p.append_batch(BytesMut::from(&batch[..]))?;
+    Ok(PendingProduce { handle, topic, size_bytes })
+}
+
+/// Awaits the acknowledgement (without blocking a worker) and builds the response.
+pub async fn finish(shared: &Arc<Shared>, pending: PendingProduce) -> Result<Response> {
+    let info = pending.handle.await?;
+    if !info.duplicate {
+        let counters = shared.metrics.topic(&pending.topic);
+        counters.produce_records.fetch_add(info.last_offset - info.base_offset + 1, Ordering::Relaxed);
+        counters.produce_bytes.fetch_add(pending.size_bytes, Ordering::Relaxed);
+    }
+    Ok(Response::Produce { base_offset: info.base_offset, last_offset: info.last_offset, duplicate: info.duplicate })
+}

@@ -1,0 +1,63 @@
+//! `Metadata`, `CreateTopic`, `DeleteTopic`.
+
+use std::sync::Arc;
+
+use rill_engine::TopicConfig;
+
+use super::{blocking, Shared};
+use crate::error::Result;
+use crate::messages::{PartitionInfo, Response, TopicDescription, TopicSettings};
+
+/// Describes the named topics, or all of them.
+pub fn metadata(shared: &Shared, names: &[String]) -> Result<Response> {
+    let names = if names.is_empty() { shared.store.topics() } else { names.to_vec() };
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let topic = shared.store.topic(&name)?;
+        let config = topic.config();
+        out.push(TopicDescription {
+            name,
+            fsync: config.fsync,
+            segment_size_bytes: config.segment_size_bytes,
+            retention_bytes: config.retention_bytes,
+            retention_ms: config.retention_ms,
+            partitions: topic
+                .partitions()
+                .iter()
+                .map(|p| PartitionInfo {
+                    partition: p.id(),
+                    log_start: p.log_start_offset(),
+                    end_offset: p.end_offset(),
+                    size_bytes: p.size_bytes(),
+                })
+                .collect(),
+        });
+    }
+    Ok(Response::Metadata(out))
+}
+
+/// Creates a topic, filling unset settings from the server's topic defaults.
+pub async fn create(shared: &Arc<Shared>, name: String, settings: TopicSettings) -> Result<Response> {
+    let defaults = &shared.config.topic_defaults;
+    let config = TopicConfig {
+        partitions: if settings.partitions == 0 { defaults.partitions } else { settings.partitions },
+        fsync: match settings.fsync {
+            Some(policy) => policy,
+            None => defaults.fsync_policy()?,
+        },
+        segment_size_bytes: settings.segment_size_bytes.unwrap_or(defaults.segment_size_bytes),
+        retention_bytes: settings.retention_bytes.or(defaults.retention_bytes),
+        retention_ms: settings.retention_ms.or(defaults.retention_ms),
+        ..TopicConfig::default()
+    };
+    let store = Arc::clone(&shared.store);
+    blocking(move || Ok(store.create_topic(&name, config).map(drop)?)).await?;
+    Ok(Response::Empty)
+}
+
+/// Deletes a topic and its data.
+pub async fn delete(shared: &Arc<Shared>, name: String) -> Result<Response> {
+    let store = Arc::clone(&shared.store);
+    blocking(move || Ok(store.delete_topic(&name)?)).await?;
+    Ok(Response::Empty)
+}

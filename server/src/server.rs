@@ -1,0 +1,176 @@
+//! The accept loop, connection limit, metrics listener and graceful shutdown.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rill_engine::{Store, StoreConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::cmd::Shared;
+use crate::config::ServerConfig;
+use crate::error::{Error, Result};
+use crate::metrics::{Metrics, Rejection};
+
+/// A running server: its bound addresses and the handle to stop it.
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// Address of the protocol listener.
+    pub addr: std::net::SocketAddr,
+    /// Address of the metrics listener, if enabled.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl ServerHandle {
+    /// Begins a graceful shutdown and waits for it: in-flight requests are answered, the
+    /// store is closed cleanly.
+    pub async fn shutdown(self) -> Result<()> {
+        self.stop.send_replace(true);
+        self.done.await.map_err(|e| Error::io("server task", std::io::Error::other(e.to_string())))?
+    }
+}
+
+/// Opens the store, binds the listeners and serves in the background.
+pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
+    config.validate()?;
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, StoreConfig::default()))
+        .await
+        .map_err(|e| Error::io("open store", std::io::Error::other(e.to_string())))??;
+    let store = Arc::new(store);
+    let listener = TcpListener::bind(&config.listen).await.map_err(|e| Error::io("bind listener", e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io("listener address", e))?;
+    let metrics = Arc::new(Metrics::default());
+    let metrics_addr = if config.metrics_listen.is_empty() {
+        None
+    } else {
+        let http =
+            TcpListener::bind(&config.metrics_listen).await.map_err(|e| Error::io("bind metrics listener", e))?;
+        let http_addr = http.local_addr().map_err(|e| Error::io("metrics listener address", e))?;
+        tokio::spawn(crate::metrics::serve_http(http, Arc::clone(&metrics), Arc::clone(&store)));
+        Some(http_addr)
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let shared =
+        Arc::new(Shared { store, config, metrics, inflight_bytes: AtomicU64::new(0), shutdown: stop_rx.clone() });
+    tracing::info!(%addr, ?metrics_addr, data_dir = %shared.config.data_dir.display(), "rill serving");
+    let done = tokio::spawn(accept_loop(listener, shared, stop_rx));
+    Ok(ServerHandle { addr, metrics_addr, stop, done })
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<()> {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((socket, _peer)) = accepted else { continue };
+                shared.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+                if connections.len() >= shared.config.max_connections {
+                    shared.metrics.reject(Rejection::TooManyConnections);
+                    drop(socket);
+                    continue;
+                }
+                let shared = Arc::clone(&shared);
+                connections.spawn(async move {
+                    shared.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                    crate::conn::serve(socket, Arc::clone(&shared)).await;
+                    shared.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = stop.wait_for(|stopping| *stopping) => break,
+        }
+    }
+    shared.metrics.shutting_down.store(true, Ordering::Relaxed);
+    drop(listener);
+    tracing::info!(connections = connections.len(), "shutting down: draining connections");
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_millis(shared.config.shutdown_timeout_ms), drain).await.is_err() {
+        tracing::warn!("shutdown timeout: closing remaining connections");
+        connections.shutdown().await;
+    }
+    let store = Arc::clone(&shared.store);
+    tokio::task::spawn_blocking(move || store.shutdown())
+        .await
+        .map_err(|e| Error::io("close store", std::io::Error::other(e.to_string())))??;
+    tracing::info!("store closed cleanly");
+    Ok(())
+}
+
+/// What `rill serve` takes on the command line (each overrides the TOML file).
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// TOML configuration file.
+    pub config: Option<std::path::PathBuf>,
+    /// Data directory.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Protocol listener address.
+    pub listen: Option<String>,
+    /// Metrics listener address (empty string disables it).
+    pub metrics_listen: Option<String>,
+}
+
+/// Builds the configuration from the defaults, an optional TOML file and flags.
+pub fn config_from_args(args: &ServeOptions) -> Result<ServerConfig> {
+    let mut config = match &args.config {
+        Some(path) => ServerConfig::from_file(path)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(listen) = &args.listen {
+        config.listen = listen.clone();
+    }
+    if let Some(listen) = &args.metrics_listen {
+        config.metrics_listen = listen.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// `rill serve`: runs until SIGTERM or ctrl-c, then shuts down gracefully.
+pub fn run_cli(args: ServeOptions) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RILL_LOG").unwrap_or_else(|_| "info".into());
+    // A second initialisation (tests) keeps the first subscriber.
+    drop(tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init());
+    let config = match config_from_args(&args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("rill serve: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("rill serve: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve_until_signal(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rill serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_until_signal(config: ServerConfig) -> Result<()> {
+    let handle = start(config).await?;
+    println!("rill listening on {} (metrics on {:?})", handle.addr, handle.metrics_addr);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("install SIGTERM handler", e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("signal received");
+    handle.shutdown().await
+}
