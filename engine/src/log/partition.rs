@@ -119,7 +119,8 @@ impl Partition {
         let seg_config = segment_config(&config);
         let (segments, mut appender, recovery) = open_segments(&*storage, dir, clean_shutdown, &seg_config)?;
         let log_start = segments.first().map_or(0, |s| s.base_offset());
-        appender.producers = load_producer_state(&*storage, dir, &segments, appender.next_offset)?;
+        appender.producers =
+            load_producer_state(&*storage, dir, &segments, appender.next_offset, context.clock.now_ms())?;
         let end = appender.next_offset;
         let partition = Arc::new(Partition {
             topic: topic.to_string(),
@@ -318,7 +319,7 @@ impl Partition {
         appender.next_offset = header.next_offset();
         appender.active_first_append_ms.get_or_insert_with(|| self.clock.now_ms());
         if let Some(fields) = producer {
-            appender.producers.record(&fields, batch_metadata(&fields, &header));
+            appender.producers.record(&fields, batch_metadata(&fields, &header), self.clock.now_ms());
         }
         let info = AppendInfo { base_offset, last_offset: header.last_offset(), duplicate: false };
         match self.config.fsync {
@@ -739,6 +740,7 @@ fn load_producer_state(
     dir: &Path,
     segments: &[Arc<Segment>],
     end_offset: u64,
+    now_ms: i64,
 ) -> Result<ProducerStates> {
     let mut offsets = list_snapshots(storage, dir)?;
     offsets.sort_unstable_by(|a, b| b.cmp(a));
@@ -764,7 +766,7 @@ fn load_producer_state(
     for segment in segments.iter().filter(|s| s.next_offset() > from) {
         segment.visit_headers(from, end_offset, |header| {
             if let Some(fields) = header.producer {
-                states.record(&fields, batch_metadata(&fields, header));
+                states.record(&fields, batch_metadata(&fields, header), now_ms);
             }
         })?;
     }

@@ -204,7 +204,7 @@ mod tests {
                     last_offset: i * 10 + 1,
                     timestamp_ms: 1_000 + i as i64,
                 };
-                states.record(&fields, meta);
+                states.record(&fields, meta, 1_000 + i as i64);
             }
         }
         states

@@ -34,7 +34,9 @@ pub struct ProducerEntry {
     pub epoch: i16,
     /// Last batches, oldest first, at most [`BATCHES_PER_PRODUCER_MAX`].
     pub batches: VecDeque<BatchMetadata>,
-    /// Latest batch timestamp seen (ms), for expiry.
+    /// Wall-clock time (ms) the producer was last seen: its last append, or the open that
+    /// replayed its batches from the log. Expiry counts from here, not from record
+    /// timestamps, so a producer replaying old events is not expired while it writes.
     pub last_timestamp_ms: i64,
 }
 
@@ -142,12 +144,12 @@ impl ProducerStates {
     }
 
     /// Records a batch that is now in the log (after a successful write, or while replaying
-    /// the log on recovery, where no check is made: the log is the truth).
-    pub fn record(&mut self, fields: &ProducerFields, meta: BatchMetadata) {
+    /// the log on recovery, where no check is made: the log is the truth), seen at `seen_ms`.
+    pub fn record(&mut self, fields: &ProducerFields, meta: BatchMetadata, seen_ms: i64) {
         let entry = self.producers.entry(fields.producer_id).or_insert_with(|| ProducerEntry {
             epoch: fields.producer_epoch,
             batches: VecDeque::new(),
-            last_timestamp_ms: meta.timestamp_ms,
+            last_timestamp_ms: seen_ms,
         });
         if fields.producer_epoch != entry.epoch {
             entry.epoch = fields.producer_epoch;
@@ -157,7 +159,7 @@ impl ProducerStates {
         while entry.batches.len() > BATCHES_PER_PRODUCER_MAX {
             entry.batches.pop_front();
         }
-        entry.last_timestamp_ms = entry.last_timestamp_ms.max(meta.timestamp_ms);
+        entry.last_timestamp_ms = entry.last_timestamp_ms.max(seen_ms);
     }
 
     /// Forgets `producer_id` if its last batch is older than `now_ms - expiration_ms`.
@@ -211,7 +213,7 @@ mod tests {
         assert_eq!(states.check(&fields(0, 0), 3).expect("new producer"), SequenceCheck::Append);
         assert!(matches!(states.check(&fields(0, 3), 1), Err(Error::UnknownProducerId { .. })));
         for (i, first) in [0, 3, 6, 9, 12, 15].into_iter().enumerate() {
-            states.record(&fields(0, first), meta(first, 3, i as u64 * 3));
+            states.record(&fields(0, first), meta(first, 3, i as u64 * 3), 1);
         }
         // 0..3 fell out of the 5-batch window; 3..6 is still remembered.
         assert_eq!(states.check(&fields(0, 3), 3).expect("dup"), SequenceCheck::Duplicate(meta(3, 3, 3)));
@@ -220,7 +222,7 @@ mod tests {
         assert!(matches!(states.check(&fields(0, 19), 1), Err(Error::OutOfOrderSequence { expected: 18, .. })));
         assert!(matches!(states.check(&fields(1, 5), 1), Err(Error::OutOfOrderSequence { expected: 0, .. })));
         assert_eq!(states.check(&fields(1, 0), 1).expect("new epoch"), SequenceCheck::Append);
-        states.record(&fields(1, 0), meta(0, 1, 100));
+        states.record(&fields(1, 0), meta(0, 1, 100), 1);
         assert!(matches!(states.check(&fields(0, 18), 1), Err(Error::ProducerFenced { current_epoch: 1, .. })));
         assert_eq!(states.get(7).expect("entry").batches.len(), 1, "epoch bump clears the window");
     }
@@ -229,9 +231,9 @@ mod tests {
     #[test]
     fn expiry() {
         let mut states = ProducerStates::new();
-        states.record(&fields(0, 0), BatchMetadata { timestamp_ms: 1_000, ..meta(0, 1, 0) });
+        states.record(&fields(0, 0), meta(0, 1, 0), 1_000);
         let other = ProducerFields { producer_id: 8, ..fields(0, 0) };
-        states.record(&other, BatchMetadata { timestamp_ms: 5_000, ..meta(0, 1, 1) });
+        states.record(&other, meta(0, 1, 1), 5_000);
         assert_eq!(states.expire(6_000, 2_000), 1);
         assert!(states.get(7).is_none());
         assert!(states.get(8).is_some());
