@@ -279,18 +279,22 @@ impl Segment {
         if offset < self.base_offset {
             return Ok(None);
         }
-        let start = {
+        let (start, start_offset) = {
             let index = self.offset_index.read();
             let rel = offset - self.base_offset;
             let i = index.partition_point(|e| u64::from(e.relative_offset) <= rel);
-            if i == 0 {
-                0
-            } else {
-                u64::from(index.get(i - 1).position)
+            match i.checked_sub(1).map(|i| index.get(i)) {
+                None => (0, self.base_offset),
+                Some(e) => (u64::from(e.position), self.base_offset + u64::from(e.relative_offset)),
             }
         };
         let limit = self.size_bytes();
-        let mut position = start;
+        // The open-time checks vouch only for the last entry: an earlier one, damaged but in
+        // order, may point at another batch, and walking on from there would skip records.
+        // Trust an entry only if the batch it points at starts at the offset it names.
+        let trusted =
+            start == 0 || matches!(self.header_at(start, limit), Ok(Some(h)) if h.base_offset == start_offset);
+        let mut position = if trusted { start } else { 0 };
         while let Some(header) = self.header_at(position, limit)? {
             if header.base_offset >= end_offset {
                 return Ok(None);
