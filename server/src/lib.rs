@@ -7,6 +7,8 @@
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod cli;
+pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod conn;

@@ -138,7 +138,8 @@ pub fn config_from_args(args: &ServeOptions) -> Result<ServerConfig> {
 pub fn run_cli(args: ServeOptions) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RILL_LOG").unwrap_or_else(|_| "info".into());
     // A second initialisation (tests) keeps the first subscriber.
-    drop(tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    drop(tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init());
     let config = match config_from_args(&args) {
         Ok(config) => config,
         Err(e) => {
@@ -164,7 +165,10 @@ pub fn run_cli(args: ServeOptions) -> ExitCode {
 
 async fn serve_until_signal(config: ServerConfig) -> Result<()> {
     let handle = start(config).await?;
-    println!("rill listening on {} (metrics on {:?})", handle.addr, handle.metrics_addr);
+    match handle.metrics_addr {
+        Some(metrics) => println!("rill listening on {} (metrics and health on http://{metrics})", handle.addr),
+        None => println!("rill listening on {} (metrics disabled)", handle.addr),
+    }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("install SIGTERM handler", e))?;
     tokio::select! {

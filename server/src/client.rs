@@ -1,0 +1,350 @@
+//! Async client of protocol v1 (normative: `docs/protocol.md`): [`Client`] sends single
+//! requests, [`Producer`] batches records and retries idempotently, [`Consumer`] reads a
+//! topic.
+//!
+//! It owns: one TCP connection per client (re-opened on the next request after it drops),
+//! pipelining (many requests in flight, responses matched first-in first-out and checked
+//! by correlation id), client-side batching, partitioning and retries.
+//! It must never: reorder requests on a connection, or retry a produce with anything but the
+//! same encoded batch (that is what lets the server recognise a retry and answer it with the
+//! original offsets).
+
+mod connection;
+mod consumer;
+mod producer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rill_engine::ProducerIdentity;
+use tokio::net::{lookup_host, ToSocketAddrs};
+
+use crate::error::{Error, Result};
+use crate::limits::{FRAME_SIZE_BYTES_MAX, METADATA_TOPICS_MAX, STRING_LEN_MAX};
+use crate::messages::{Acks, OffsetQuery, Request, Response, TopicDescription, TopicSettings};
+
+use connection::Connection;
+pub(crate) use connection::ResponseFuture;
+pub use consumer::{decode_fetched, ConsumedRecord, Consumer, StartPosition, POLL_WAIT_MS_MIN};
+pub use producer::{Producer, ProducerConfig, SendReceipt, PRODUCER_INFLIGHT_BATCHES_MAX};
+
+/// How long opening a connection may take before the attempt fails.
+pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+
+/// Requests one client connection keeps outstanding; a further request waits for a
+/// response first. Equal to the server's per-connection limit, so a client never makes the
+/// server stop reading.
+pub const CLIENT_INFLIGHT_REQUESTS_MAX: usize = crate::limits::CONNECTION_INFLIGHT_REQUESTS_MAX;
+
+/// Where a produce request landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProduceAck {
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// Offset of the batch's last record.
+    pub last_offset: u64,
+    /// The batch was a retry of one already in the log, answered with its original offsets.
+    pub duplicate: bool,
+}
+
+/// What a fetch returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// First offset the partition holds.
+    pub log_start: u64,
+    /// Next offset to be written (high watermark).
+    pub end_offset: u64,
+    /// Whole record batches as stored; decode them with `rill_engine::format::BatchIter`.
+    pub records: Bytes,
+}
+
+/// A connection to a rill server. Cheap to clone: clones share the connection, and requests
+/// from all of them are pipelined on it. If the connection drops, requests in flight fail
+/// with [`Error::ConnectionClosed`] and the next request opens a new one.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+#[derive(Debug)]
+struct ClientInner {
+    addrs: Vec<SocketAddr>,
+    client_id: String,
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+}
+
+impl Client {
+    /// Resolves `addr` and connects (with `TCP_NODELAY`). `client_id` names this client in
+    /// the server's logs and metrics.
+    pub async fn connect(addr: impl ToSocketAddrs, client_id: &str) -> Result<Client> {
+        check_string("client id", client_id)?;
+        let addrs: Vec<SocketAddr> =
+            lookup_host(addr).await.map_err(|source| Error::io("resolve server address", source))?.collect();
+        if addrs.is_empty() {
+            return Err(Error::Config { reason: "the server address resolves to no socket address".into() });
+        }
+        let connection = Connection::open(&addrs, client_id).await?;
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                addrs,
+                client_id: client_id.to_string(),
+                connection: tokio::sync::Mutex::new(Some(connection)),
+            }),
+        })
+    }
+
+    /// The client id sent with every request.
+    pub fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    /// The current connection, or a new one if it closed.
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut slot = self.inner.connection.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(Arc::clone(connection));
+        }
+        *slot = None;
+        let connection = Connection::open(&self.inner.addrs, &self.inner.client_id).await?;
+        *slot = Some(Arc::clone(&connection));
+        Ok(connection)
+    }
+
+    /// Hands `request` to the connection's writer and returns the future of its response.
+    /// Requests started one after another by one task are written in that order.
+    pub(crate) async fn start(&self, request: Request) -> Result<ResponseFuture> {
+        check_request(&request)?;
+        self.connection().await?.start(request).await
+    }
+
+    /// Sends `request` and waits for its response.
+    async fn call(&self, request: Request) -> Result<Response> {
+        self.start(request).await?.await?.ok_or_else(|| Error::malformed("the request got no response"))
+    }
+
+    /// The `(api key, min version, max version)` of every api the server supports.
+    pub async fn api_versions(&self) -> Result<Vec<(u16, u16, u16)>> {
+        match self.call(Request::ApiVersions).await? {
+            Response::ApiVersions(apis) => Ok(apis),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Describes `topics`, or every topic when `topics` is empty.
+    pub async fn metadata(&self, topics: &[&str]) -> Result<Vec<TopicDescription>> {
+        let topics = topics.iter().map(|t| t.to_string()).collect();
+        match self.call(Request::Metadata { topics }).await? {
+            Response::Metadata(descriptions) => Ok(descriptions),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Creates a topic.
+    pub async fn create_topic(&self, name: &str, settings: TopicSettings) -> Result<()> {
+        expect_empty(self.call(Request::CreateTopic { name: name.to_string(), settings }).await?)
+    }
+
+    /// Deletes a topic and all its records.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        expect_empty(self.call(Request::DeleteTopic { name: name.to_string() }).await?)
+    }
+
+    /// Names of all topics.
+    pub async fn list_topics(&self) -> Result<Vec<String>> {
+        match self.call(Request::ListTopics).await? {
+            Response::ListTopics(names) => Ok(names),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Asks for an idempotent producer identity. With a transactional id, a repeated call
+    /// bumps the epoch and fences the previous holder.
+    pub async fn init_producer_id(&self, transactional_id: Option<&str>) -> Result<ProducerIdentity> {
+        let request = Request::InitProducerId { transactional_id: transactional_id.map(str::to_string) };
+        match self.call(request).await? {
+            Response::InitProducerId { producer_id, producer_epoch } => {
+                Ok(ProducerIdentity { producer_id, producer_epoch })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Appends one encoded record batch (built with `rill_engine::format::BatchBuilder`).
+    /// With [`Acks::None`] nothing is answered: `Ok(None)` once the request is written.
+    pub async fn produce(&self, topic: &str, partition: u32, acks: Acks, batch: Bytes) -> Result<Option<ProduceAck>> {
+        let request = Request::Produce { topic: topic.to_string(), partition, acks, batch };
+        match self.start(request).await?.await? {
+            None => Ok(None),
+            Some(response) => produce_ack(response).map(Some),
+        }
+    }
+
+    /// Reads whole batches of `topic`/`partition` from `offset`: at most `max_bytes` (but at
+    /// least one batch), waiting up to `max_wait_ms` for data if there is none yet.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<Fetched> {
+        let request = Request::Fetch { topic: topic.to_string(), partition, offset, max_bytes, max_wait_ms };
+        fetched(self.call(request).await?)
+    }
+
+    /// The earliest or latest offset of a partition, or the first offset with a timestamp
+    /// at or after a time (`None` if no record is that recent).
+    pub async fn list_offsets(&self, topic: &str, partition: u32, query: OffsetQuery) -> Result<Option<u64>> {
+        offset(self.call(Request::ListOffsets { topic: topic.to_string(), partition, query }).await?)
+    }
+
+    /// Commits `offset` (the next offset to read) for a consumer group.
+    pub async fn commit_offset(&self, group: &str, topic: &str, partition: u32, offset: u64) -> Result<()> {
+        let request = Request::CommitOffset { group: group.to_string(), topic: topic.to_string(), partition, offset };
+        expect_empty(self.call(request).await?)
+    }
+
+    /// The offset a consumer group committed, if any.
+    pub async fn fetch_offset(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>> {
+        offset(self.call(Request::FetchOffset { group: group.to_string(), topic: topic.to_string(), partition }).await?)
+    }
+
+    /// The server's counters, by name.
+    pub async fn stats(&self) -> Result<Vec<(String, u64)>> {
+        match self.call(Request::Stats).await? {
+            Response::Stats(stats) => Ok(stats),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(response: &Response) -> Error {
+    Error::malformed(format!("unexpected response {response:?}"))
+}
+
+fn expect_empty(response: Response) -> Result<()> {
+    match response {
+        Response::Empty => Ok(()),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn offset(response: Response) -> Result<Option<u64>> {
+    match response {
+        Response::Offset(offset) => Ok(offset),
+        other => Err(unexpected(&other)),
+    }
+}
+
+pub(crate) fn fetched(response: Response) -> Result<Fetched> {
+    match response {
+        Response::Fetch { log_start, end_offset, records } => Ok(Fetched { log_start, end_offset, records }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+pub(crate) fn produce_ack(response: Response) -> Result<ProduceAck> {
+    match response {
+        Response::Produce { base_offset, last_offset, duplicate } => {
+            if last_offset < base_offset {
+                return Err(Error::malformed(format!("produce answered offsets {base_offset}..={last_offset}")));
+            }
+            Ok(ProduceAck { base_offset, last_offset, duplicate })
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Checks what the encoder would otherwise assert: string lengths, list lengths and the
+/// frame size. A request that fails here is never sent.
+fn check_request(request: &Request) -> Result<()> {
+    match request {
+        Request::ApiVersions | Request::ListTopics | Request::Stats => Ok(()),
+        Request::Metadata { topics } => {
+            if topics.len() > METADATA_TOPICS_MAX as usize {
+                return Err(Error::malformed(format!(
+                    "{} topics in one metadata request, over {METADATA_TOPICS_MAX}",
+                    topics.len()
+                )));
+            }
+            topics.iter().try_for_each(|t| check_string("topic", t))
+        }
+        Request::CreateTopic { name, .. } | Request::DeleteTopic { name } => check_string("topic", name),
+        Request::InitProducerId { transactional_id } => {
+            transactional_id.as_deref().map_or(Ok(()), |id| check_string("transactional id", id))
+        }
+        Request::Produce { topic, batch, .. } => {
+            check_string("topic", topic)?;
+            // Header, topic and fields stay far below the 64 KiB slack of FRAME_SIZE_BYTES_MAX.
+            let max = FRAME_SIZE_BYTES_MAX - 16 * 1024;
+            if batch.len() as u64 > u64::from(max) {
+                return Err(Error::FrameTooLarge { len: u32::try_from(batch.len()).unwrap_or(u32::MAX), max });
+            }
+            Ok(())
+        }
+        Request::Fetch { topic, .. } | Request::ListOffsets { topic, .. } => check_string("topic", topic),
+        Request::CommitOffset { group, topic, .. } | Request::FetchOffset { group, topic, .. } => {
+            check_string("group", group)?;
+            check_string("topic", topic)
+        }
+    }
+}
+
+fn check_string(what: &str, value: &str) -> Result<()> {
+    if value.len() > STRING_LEN_MAX {
+        return Err(Error::malformed(format!("{what} of {} bytes is over {STRING_LEN_MAX}", value.len())));
+    }
+    Ok(())
+}
+
+/// A copy of `error` for the second and later requests that fail for the same reason (the
+/// error type holds sources that cannot be cloned; their text is kept).
+pub(crate) fn clone_error(error: &Error) -> Error {
+    match error {
+        Error::Protocol { reason } => Error::Protocol { reason: reason.clone() },
+        Error::FrameTooLarge { len, max } => Error::FrameTooLarge { len: *len, max: *max },
+        Error::Server { code, message, retry_after_ms } => {
+            Error::Server { code: *code, message: message.clone(), retry_after_ms: *retry_after_ms }
+        }
+        Error::Io { op, source } => Error::Io { op, source: std::io::Error::new(source.kind(), source.to_string()) },
+        Error::Config { reason } => Error::Config { reason: reason.clone() },
+        Error::ConnectionClosed => Error::ConnectionClosed,
+        Error::Timeout { what, timeout_ms } => Error::Timeout { what, timeout_ms: *timeout_ms },
+        other => Error::malformed(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests whose fields the encoder would reject by assertion are refused before they
+    /// are written, with an error instead of a panic.
+    #[test]
+    fn oversized_fields_are_refused_before_encoding() {
+        let long = "x".repeat(STRING_LEN_MAX + 1);
+        assert!(check_request(&Request::DeleteTopic { name: long.clone() }).is_err());
+        assert!(check_request(&Request::FetchOffset { group: long, topic: "t".into(), partition: 0 }).is_err());
+        assert!(check_request(&Request::Metadata { topics: vec![String::new(); METADATA_TOPICS_MAX as usize + 1] })
+            .is_err());
+        let batch = Bytes::from(vec![0u8; FRAME_SIZE_BYTES_MAX as usize]);
+        let produce = Request::Produce { topic: "t".into(), partition: 0, acks: Acks::Leader, batch };
+        assert!(matches!(check_request(&produce), Err(Error::FrameTooLarge { .. })));
+        assert!(check_request(&Request::DeleteTopic { name: "x".repeat(STRING_LEN_MAX) }).is_ok());
+    }
+
+    /// Cloned errors keep their kind and fields, so each failed request can be told why.
+    #[test]
+    fn clone_error_keeps_kind() {
+        let e =
+            Error::Server { code: crate::error::ErrorCode::Throttled, message: "slow".into(), retry_after_ms: Some(3) };
+        assert!(matches!(clone_error(&e), Error::Server { retry_after_ms: Some(3), .. }));
+        assert!(matches!(clone_error(&Error::ConnectionClosed), Error::ConnectionClosed));
+        let io = Error::io("read", std::io::Error::new(std::io::ErrorKind::BrokenPipe, "gone"));
+        assert!(
+            matches!(clone_error(&io), Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+        );
+    }
+}
