@@ -1,4 +1,4 @@
-//! Embedded quick start: opens `./rill-data` (or the directory given as the first
+//! Embedded quick start: opens `./rill-example-data` (or the directory given as the first
 //! argument), appends 100,000 records in batches of 100 with `fsync = always`, reads them
 //! back from the start and from a timestamp, and closes the store cleanly.
 //!
@@ -10,7 +10,7 @@ use rill_engine::format::batch::BatchIter;
 use rill_engine::{Clock as _, Compression, Record, Store, StoreConfig, TopicConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "rill-data".to_string());
+    let dir = std::env::args().nth(1).unwrap_or_else(|| "rill-example-data".to_string());
     let store = Store::open(&dir, StoreConfig::default())?;
     let topic = match store.topic("quickstart") {
         Ok(topic) => topic,
