@@ -387,8 +387,9 @@ impl Partition {
             (Some(limit_ms), Some(first_ms)) => self.clock.now_ms().saturating_sub(first_ms) >= limit_ms as i64,
             _ => false,
         };
+        // After this batch the segment's next offset, relative to its base, must still fit u32.
         let offsets_overflow =
-            appender.next_offset + u64::from(header.last_offset_delta) - active.base_offset() > u64::from(u32::MAX);
+            appender.next_offset + u64::from(header.last_offset_delta) + 1 - active.base_offset() > u64::from(u32::MAX);
         if too_big || too_old || offsets_overflow || !active.indices_have_room() {
             self.roll(appender)?;
         }
