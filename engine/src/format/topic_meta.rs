@@ -132,6 +132,12 @@ pub fn decode(buf: &[u8]) -> Result<TopicConfig> {
         index_size_bytes: u64_at(buf, INDEX_SIZE_BYTES_OFFSET),
     };
     config.validate()?;
+    // Only the canonical encoding is accepted: reserved fields, unknown flag bits, an absent
+    // field's value and the interval of a non-interval policy must be zero, as `encode`
+    // writes them. Anything else is damage or a format this build does not understand.
+    if encode(&config)[..] != buf[..] {
+        return Err(malformed("reserved, unknown or unused bytes are not zero".into()));
+    }
     Ok(config)
 }
 
@@ -157,5 +163,29 @@ mod tests {
             assert!(decode(&bad).is_err(), "flip at byte {i} detected");
         }
         assert!(decode(&buf[..TOPIC_META_SIZE - 1]).is_err());
+    }
+
+    /// Regression (found by `fuzz/topic_meta_decode`): bytes `encode` always writes as zero
+    /// were ignored, so a file with a valid CRC but stray bytes there decoded, and decoding
+    /// was not the inverse of encoding. Each such byte must now be rejected.
+    #[test]
+    fn rejects_non_zero_reserved_and_unused_bytes() {
+        let config = TopicConfig { segment_ms: None, ..TopicConfig::default() };
+        let buf = encode(&config);
+        let with_crc = |mut bad: [u8; TOPIC_META_SIZE]| {
+            let crc = crc32fast::hash(&bad[..CRC_OFFSET]);
+            bad[CRC_OFFSET..][..4].copy_from_slice(&crc.to_le_bytes());
+            bad
+        };
+        assert_eq!(decode(&with_crc(buf)).expect("canonical decodes"), config);
+        // Reserved fields, unknown flag bits, the interval of `Always`, unflagged segment_ms.
+        for (at, value) in [(RESERVED_OFFSET, 1), (RESERVED2_OFFSET + 1, 0x80), (FLAGS_OFFSET, 0x08 | 0x04)]
+            .into_iter()
+            .chain([(FSYNC_INTERVAL_MS_OFFSET, 5), (SEGMENT_MS_OFFSET + 7, 1)])
+        {
+            let mut bad = buf;
+            bad[at] = value;
+            assert!(decode(&with_crc(bad)).is_err(), "byte {at} = {value:#x} rejected");
+        }
     }
 }

@@ -174,6 +174,11 @@ fn check_indices(
         Some(e) => (u64::from(e.position), base_offset + u64::from(e.relative_offset)),
     };
     let last_entry_position = position;
+    if offsets.last().is_some() && position >= len {
+        // The last entry must name a batch inside the log; past its end nothing vouches for
+        // the offset it claims (and `len - last_entry_position` would underflow).
+        return Ok(None);
+    }
     let mut header_buf = [0u8; BATCH_HEADER_SIZE];
     let mut walked_max: Option<i64> = None;
     while position < len {
@@ -262,4 +267,51 @@ fn scan_log(
             Some(scan.max_timestamp_ms.map_or(header.max_timestamp_ms, |m| m.max(header.max_timestamp_ms)));
     }
     Ok(scan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::batch::{BatchBuilder, Compression};
+    use crate::index::IndexEntry;
+    use crate::io::StdStorage;
+    use crate::segment::log_file_name;
+    use crate::Record;
+
+    /// Regression (found by `fuzz/segment_recovery`): an offset index whose last entry points
+    /// past the end of the log was trusted on a clean open; it made the segment claim offsets
+    /// the log does not hold and underflowed `len - last_entry_position`. It must be rebuilt.
+    #[test]
+    fn last_offset_entry_past_end_of_log_is_rebuilt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_path = dir.path().join(log_file_name(0));
+        let mut builder = BatchBuilder::new(Compression::None, 1_000);
+        builder.push(&Record::from_value("v")).expect("push");
+        let batch = builder.build().expect("build");
+        std::fs::write(&log_path, &batch).expect("write log");
+        let mut index = [0u8; OffsetEntry::SIZE];
+        OffsetEntry { relative_offset: 5, position: 77_582 }.encode(&mut index);
+        std::fs::write(sibling(&log_path, "index"), index).expect("write index");
+        let mut times = [0u8; TimeEntry::SIZE];
+        TimeEntry { timestamp_ms: 1_000, relative_offset: 5 }.encode(&mut times);
+        std::fs::write(sibling(&log_path, "timeindex"), times).expect("write time index");
+        let config = SegmentConfig { index_interval_bytes: 64, index_size_bytes: 4096 };
+
+        for kind in [OpenKind::ActiveClean, OpenKind::Sealed { end_offset: 1 }] {
+            let (segment, _, report) = open_segment(&StdStorage, &log_path, 0, kind, &config).expect("open");
+            assert!(report.rebuilt_indices, "{kind:?}: bad index rebuilt");
+            assert_eq!(segment.next_offset(), 1, "{kind:?}: next offset from the log, not the index");
+            assert_eq!(segment.size_bytes(), batch.len() as u64);
+            drop(segment);
+            std::fs::write(sibling(&log_path, "index"), index).expect("rewrite index");
+            std::fs::write(sibling(&log_path, "timeindex"), times).expect("rewrite time index");
+        }
+        // The fuzzer's case: empty log, empty time index, one offset entry far past the end.
+        std::fs::write(&log_path, b"").expect("empty log");
+        std::fs::write(sibling(&log_path, "timeindex"), b"").expect("empty time index");
+        let (segment, _, report) =
+            open_segment(&StdStorage, &log_path, 0, OpenKind::ActiveClean, &config).expect("open empty");
+        assert!(report.rebuilt_indices);
+        assert_eq!(segment.next_offset(), 0);
+    }
 }
