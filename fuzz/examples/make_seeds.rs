@@ -1,0 +1,270 @@
+//! Writes the committed seed corpora under `fuzz/corpus/<target>/`, built with the engine's
+//! own encoders so every seed starts the fuzzer on valid, deep inputs.
+//!
+//! `cd fuzz && cargo +nightly run --example make_seeds` (overwrites the seeds it knows,
+//! leaves any other file alone). Every seed is kept under 8 KiB.
+
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use rill_engine::format::batch::{
+    set_base_offset, BatchBuilder, BatchHeader, Compression, Header, ProducerFields, Record, BATCH_HEADER_SIZE,
+};
+use rill_engine::format::topic_meta;
+use rill_engine::format::varint::{put_varint, put_varlong};
+use rill_engine::io::StdStorage;
+use rill_engine::segment::{OpenKind, Segment, SegmentConfig};
+use rill_engine::{FsyncPolicy, TopicConfig};
+use rill_fuzz::{RoundtripInput, SegmentInput};
+
+const SEED_MAX: usize = 8 * 1024;
+
+fn corpus_dir(target: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    std::fs::create_dir_all(&dir).expect("create corpus dir");
+    dir
+}
+
+fn write_seed(target: &str, name: &str, bytes: &[u8]) {
+    assert!(bytes.len() < SEED_MAX, "seed {target}/{name} is {} bytes", bytes.len());
+    std::fs::write(corpus_dir(target).join(name), bytes).expect("write seed");
+}
+
+fn sample_records(n: usize, salt: u8) -> Vec<Record> {
+    (0..n)
+        .map(|i| Record {
+            timestamp_ms: if i % 3 == 2 { None } else { Some(1_700_000_000_000 + (i as i64) * 7 - 20) },
+            key: (i % 2 == 0).then(|| Bytes::from(format!("key-{salt}-{i}"))),
+            value: if i % 5 == 4 { None } else { Some(Bytes::from(vec![b'a' + (i % 26) as u8; i * 3])) },
+            headers: (0..(i % 3))
+                .map(|h| Header { key: format!("h{h}"), value: (h % 2 == 0).then(|| Bytes::from(format!("v{i}"))) })
+                .collect(),
+        })
+        .collect()
+}
+
+fn build(records: &[Record], compression: Compression, producer: Option<ProducerFields>, base: u64) -> BytesMut {
+    let mut builder = BatchBuilder::new(compression, 1_700_000_000_500);
+    if let Some(p) = producer {
+        builder = builder.producer(p);
+    }
+    for record in records {
+        builder.push(record).expect("push");
+    }
+    let mut batch = builder.build().expect("build");
+    set_base_offset(&mut batch, base);
+    batch
+}
+
+/// `count` batches, contiguous offsets from 0, alternating codecs.
+fn log_of(count: usize) -> Vec<u8> {
+    let mut log = Vec::new();
+    let mut next = 0u64;
+    for i in 0..count {
+        let records = sample_records(1 + i % 4, i as u8);
+        let codec = if i % 2 == 0 { Compression::None } else { Compression::Lz4 };
+        let batch = build(&records, codec, None, next);
+        next = BatchHeader::parse(&batch).expect("header").next_offset();
+        log.extend_from_slice(&batch);
+    }
+    log
+}
+
+fn batch_seeds() {
+    let t = "batch_decode";
+    let plain = build(&sample_records(4, 1), Compression::None, None, 0);
+    let lz4 = build(&sample_records(6, 2), Compression::Lz4, None, 4);
+    let producer = ProducerFields { producer_id: 42, producer_epoch: 3, base_sequence: 17 };
+    let idempotent = build(&sample_records(2, 3), Compression::None, Some(producer), 1000);
+    write_seed(t, "plain", &plain);
+    write_seed(t, "lz4", &lz4);
+    write_seed(t, "producer", &idempotent);
+    write_seed(t, "two_batches", &[&plain[..], &lz4[..]].concat());
+    write_seed(t, "torn_tail", &[&plain[..], &lz4[..lz4.len() - 5]].concat());
+    let mut bad_crc = plain.to_vec();
+    *bad_crc.last_mut().expect("non-empty") ^= 1;
+    write_seed(t, "bad_crc", &bad_crc);
+    write_seed(t, "header_only", &plain[..BATCH_HEADER_SIZE]);
+}
+
+fn roundtrip_seeds() {
+    let t = "batch_roundtrip";
+    let cases = [
+        ("one_value", RoundtripInput { now_ms: 5, producer: None, records: vec![Record::from_value("x")] }),
+        ("mixed", RoundtripInput { now_ms: 1_700_000_000_000, producer: None, records: sample_records(8, 4) }),
+        (
+            "producer",
+            RoundtripInput {
+                now_ms: -1,
+                producer: Some(ProducerFields { producer_id: 1, producer_epoch: 0, base_sequence: 0 }),
+                records: sample_records(3, 5),
+            },
+        ),
+        (
+            "extreme_timestamps",
+            RoundtripInput {
+                now_ms: i64::MIN,
+                producer: None,
+                records: vec![
+                    Record { timestamp_ms: Some(i64::MAX), ..Record::keyed("a", "") },
+                    Record { timestamp_ms: None, ..Record::default() },
+                    Record { timestamp_ms: Some(0), ..Record::from_value(vec![0u8; 300]) },
+                ],
+            },
+        ),
+    ];
+    for (name, input) in cases {
+        assert_eq!(RoundtripInput::decode(&input.encode()), input, "seed {name} round-trips");
+        write_seed(t, name, &input.encode());
+    }
+}
+
+/// Files of a segment written live by the engine: `(log, index, timeindex, next_offset)`.
+fn live_segment(batches: usize, closed: bool) -> (Vec<u8>, Vec<u8>, Vec<u8>, u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = SegmentConfig { index_interval_bytes: 64, index_size_bytes: 4096 };
+    let (segment, mut indexing) = Segment::create(&StdStorage, dir.path(), 0, &config).expect("create");
+    let log = log_of(batches);
+    for batch in rill_engine::format::BatchIter::new(Bytes::from(log)) {
+        let batch = batch.expect("batch");
+        segment.append(batch.as_bytes(), batch.header(), &mut indexing).expect("append");
+    }
+    if closed {
+        segment.close_indices(&mut indexing).expect("close");
+    }
+    let next = segment.next_offset();
+    let path = segment.log_path().to_path_buf();
+    drop(segment);
+    let read = |ext: &str| std::fs::read(path.with_extension(ext)).expect("read");
+    (read("log"), read("index"), read("timeindex"), next)
+}
+
+fn segment_seeds() {
+    let t = "segment_recovery";
+    let (log, index, timeindex, next) = live_segment(12, true);
+    let seg = |kind, index: Option<&Vec<u8>>, timeindex: Option<&Vec<u8>>, append, log: Vec<u8>| SegmentInput {
+        kind,
+        index: index.cloned(),
+        timeindex: timeindex.cloned(),
+        append_and_reopen: append,
+        fix_crcs: false,
+        log,
+    };
+    let mut torn = log.clone();
+    torn.truncate(log.len() - 20);
+    let mut garbage = log.clone();
+    garbage.extend_from_slice(&[0xab; 40]);
+    let mut flipped = log.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x10;
+    let cases = [
+        (
+            "recover_clean",
+            SegmentInput { fix_crcs: true, ..seg(OpenKind::ActiveRecover, None, None, false, log.clone()) },
+        ),
+        ("recover_torn", SegmentInput { fix_crcs: true, ..seg(OpenKind::ActiveRecover, None, None, false, torn) }),
+        (
+            "recover_garbage_append",
+            SegmentInput { fix_crcs: true, ..seg(OpenKind::ActiveRecover, None, None, true, garbage) },
+        ),
+        ("recover_flipped", seg(OpenKind::ActiveRecover, None, None, false, flipped)),
+        ("recover_empty_append", seg(OpenKind::ActiveRecover, None, None, true, Vec::new())),
+        ("clean_trusted", seg(OpenKind::ActiveClean, Some(&index), Some(&timeindex), true, log.clone())),
+        ("clean_no_index", seg(OpenKind::ActiveClean, None, Some(&timeindex), false, log.clone())),
+        (
+            "sealed_trusted",
+            seg(OpenKind::Sealed { end_offset: next }, Some(&index), Some(&timeindex), false, log.clone()),
+        ),
+        ("sealed_rebuild", seg(OpenKind::Sealed { end_offset: next }, None, None, false, log.clone())),
+        (
+            "sealed_wrong_end",
+            seg(OpenKind::Sealed { end_offset: next + 1 }, Some(&index), Some(&timeindex), false, log),
+        ),
+    ];
+    for (name, input) in cases {
+        assert_eq!(SegmentInput::decode(&input.encode()), input, "seed {name} round-trips");
+        write_seed(t, name, &input.encode());
+    }
+    // Enough batches for a few dozen index entries.
+    let (log, _, _, _) = live_segment(40, true);
+    let many = SegmentInput { fix_crcs: true, ..seg(OpenKind::ActiveRecover, None, None, true, log) };
+    write_seed(t, "recover_many", &many.encode());
+    // Indices preallocated and not trimmed: a crash of an active segment.
+    let (log, index, timeindex, _) = live_segment(6, false);
+    let input = seg(OpenKind::ActiveClean, Some(&index[..256].to_vec()), Some(&timeindex[..240].to_vec()), true, log);
+    write_seed(t, "clean_untrimmed", &input.encode());
+}
+
+fn topic_meta_seeds() {
+    let t = "topic_meta_decode";
+    let configs = [
+        ("default", TopicConfig::default()),
+        (
+            "interval",
+            TopicConfig {
+                partitions: 7,
+                fsync: FsyncPolicy::Interval { interval_ms: 250 },
+                retention_bytes: Some(1 << 30),
+                segment_ms: None,
+                ..TopicConfig::default()
+            },
+        ),
+        (
+            "never",
+            TopicConfig {
+                partitions: 10_000,
+                fsync: FsyncPolicy::Never,
+                segment_size_bytes: 4096,
+                segment_ms: None,
+                retention_ms: None,
+                index_interval_bytes: 1,
+                index_size_bytes: 64,
+                batch_size_bytes_max: 1,
+                ..TopicConfig::default()
+            },
+        ),
+    ];
+    for (name, config) in configs {
+        let encoded = topic_meta::encode(&config);
+        assert_eq!(topic_meta::decode(&encoded).expect("decodes"), config);
+        write_seed(t, name, &encoded);
+    }
+}
+
+fn varint_seeds() {
+    let t = "varint";
+    let mut small = Vec::new();
+    for v in [0, 1, -1, 63, -64, 64, 300, -300] {
+        put_varint(&mut small, v);
+    }
+    write_seed(t, "small", &small);
+    let mut bounds = Vec::new();
+    for v in [i32::MAX, i32::MIN] {
+        put_varint(&mut bounds, v);
+    }
+    for v in [i64::MAX, i64::MIN, i64::from(u32::MAX), 1 << 62] {
+        put_varlong(&mut bounds, v);
+    }
+    write_seed(t, "bounds", &bounds);
+    write_seed(
+        t,
+        "overlong",
+        &[0x80, 0x80, 0x80, 0x80, 0x80, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+    );
+}
+
+fn main() {
+    batch_seeds();
+    roundtrip_seeds();
+    segment_seeds();
+    topic_meta_seeds();
+    varint_seeds();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let mut total = 0u64;
+    for target in std::fs::read_dir(&root).expect("corpus") {
+        for seed in std::fs::read_dir(target.expect("entry").path()).expect("target dir") {
+            total += seed.expect("seed").metadata().expect("metadata").len();
+        }
+    }
+    println!("seeds written under {}: {total} bytes in all", root.display());
+}
