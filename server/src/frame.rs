@@ -17,6 +17,9 @@ pub const REQUEST_HEADER_FIXED_SIZE: usize = 2 + 2 + 4;
 /// Response header: correlation id (u32), error code (u16).
 pub const RESPONSE_HEADER_SIZE: usize = 4 + 2;
 
+/// Most bytes reserved at once for a frame that is still arriving.
+const FRAME_RESERVE_STEP_BYTES: usize = 1024 * 1024;
+
 /// The header of a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHeader {
@@ -42,7 +45,9 @@ pub fn split_frame(buf: &mut BytesMut, max_frame_bytes: u32) -> Result<Option<By
     }
     let total = LENGTH_PREFIX_SIZE + len as usize;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // Grow towards the frame as its bytes arrive, not all at once on the word of a
+        // length prefix: an idle peer must not make the server reserve 16 MiB.
+        buf.reserve((total - buf.len()).min(FRAME_RESERVE_STEP_BYTES));
         return Ok(None);
     }
     buf.advance(LENGTH_PREFIX_SIZE);

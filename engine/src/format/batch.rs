@@ -571,18 +571,24 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Validates `bytes` as exactly one batch: header, length and CRC. Records are decoded
-    /// lazily by [`Batch::records`].
+    /// Validates `bytes` as exactly one batch: length and CRC first (so damage in transit or
+    /// on disk is reported as a checksum mismatch whatever field it hit), then the header's
+    /// fields. Records are decoded lazily by [`Batch::records`].
     pub fn decode(bytes: Bytes) -> Result<Self> {
-        let header = BatchHeader::parse(&bytes)?;
-        if header.size_bytes() != bytes.len() as u64 {
+        if bytes.len() < BATCH_HEADER_SIZE {
+            return Err(Error::malformed(format!("batch header needs {BATCH_HEADER_SIZE} bytes, got {}", bytes.len())));
+        }
+        let size = peek_batch_size(&bytes).expect("the buffer holds a whole header");
+        if size != bytes.len() as u64 {
             return Err(Error::malformed(format!(
-                "batch length field says {} bytes, buffer holds {}",
-                header.size_bytes(),
+                "batch length field says {size} bytes, buffer holds {}",
                 bytes.len()
             )));
         }
-        verify_crc(&bytes)?;
+        if bytes[VERSION_OFFSET] == BATCH_FORMAT_VERSION {
+            verify_crc(&bytes)?;
+        }
+        let header = BatchHeader::parse(&bytes)?;
         Ok(Batch { header, bytes })
     }
 

@@ -19,7 +19,7 @@ use super::visibility::EndWatch;
 use crate::config::{Clock, FsyncPolicy, TopicConfig};
 use crate::error::{Error, Result};
 use crate::format::batch::{
-    set_base_offset, set_leader_epoch, Batch, BatchBuilder, BatchHeader, BatchIter, Compression,
+    set_base_offset, set_leader_epoch, Batch, BatchBuilder, BatchHeader, BatchIter, Compression, BATCH_HEADER_SIZE,
 };
 use crate::format::{ProducerFields, Record, StoredRecord};
 use crate::io::{OpenMode, Storage};
@@ -270,8 +270,13 @@ impl Partition {
     /// Appends an encoded batch from outside (a client): checks its header, length, CRC
     /// and every record before anything is written. The base offset and leader epoch in the
     /// bytes are ignored and overwritten: the log assigns offsets.
-    pub fn append_batch(&self, batch: BytesMut) -> Result<AppendHandle> {
+    pub fn append_batch(&self, mut batch: BytesMut) -> Result<AppendHandle> {
         self.check_batch_size(batch.len())?;
+        if batch.len() >= BATCH_HEADER_SIZE {
+            // Whatever the client put there is not ours to validate: the log assigns both.
+            set_base_offset(&mut batch, 0);
+            set_leader_epoch(&mut batch, 0);
+        }
         let checked = Batch::decode(batch.freeze())?;
         checked.validate_records()?;
         let header = *checked.header();

@@ -41,3 +41,27 @@ pub async fn finish(shared: &Arc<Shared>, pending: PendingProduce) -> Result<Res
     }
     Ok(Response::Produce { base_offset: info.base_offset, last_offset: info.last_offset, duplicate: info.duplicate })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Error, ErrorCode};
+    use rill_engine::format::batch::{Batch, RECORD_COUNT_OFFSET};
+    use rill_engine::format::{BatchBuilder, Compression, Record};
+
+    /// Regression (found by `tests/bad_input.rs`, seed 1795426385498773646): a batch whose
+    /// record count was damaged in transit was answered `LimitExceeded`, because the engine
+    /// checked the count before the CRC. The engine now checks the CRC first, so damage is
+    /// `InvalidBatch`; a batch with a good CRC that is over a limit stays `LimitExceeded`.
+    #[test]
+    fn damaged_header_field_is_an_invalid_batch() {
+        let mut builder = BatchBuilder::new(Compression::None, 1_000);
+        builder.push(&Record::from_value("v")).expect("push");
+        let valid = builder.build().expect("build");
+        let mut damaged = valid.clone();
+        damaged[RECORD_COUNT_OFFSET + 3] ^= 0x8c;
+        let engine_error = Batch::decode(damaged.freeze()).expect_err("damaged batch");
+        assert_eq!(Error::from(engine_error).code(), ErrorCode::InvalidBatch);
+        let over = rill_engine::Error::LimitExceeded { limit: "batch_size_bytes_max", max: 1, actual: 2 };
+        assert_eq!(Error::from(over).code(), ErrorCode::LimitExceeded);
+    }
+}
