@@ -11,7 +11,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::io::{OpenMode, Storage};
+use crate::io::Storage;
 use crate::limits::{COMMITTED_OFFSETS_MAX, CONSUMER_GROUP_LEN_MAX, TOPIC_NAME_LEN_MAX};
 
 /// Magic bytes: ASCII `RCOF`.
@@ -63,17 +63,7 @@ impl ConsumerOffsets {
         let path = dir.join(FILE_NAME);
         let mut durable = BTreeMap::new();
         if storage.exists(&path) {
-            let file = storage.open(&path, OpenMode::ReadWrite)?;
-            let len = file.len()?;
-            if len > FILE_SIZE_BYTES_MAX {
-                return Err(Error::Corrupt {
-                    path,
-                    pos: 0,
-                    reason: format!("{len} bytes is larger than any valid file"),
-                });
-            }
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, 0)?;
+            let buf = crate::io::read_bounded(&*storage, &path, FILE_SIZE_BYTES_MAX)?;
             durable = decode(&buf).map_err(|e| Error::Corrupt { path: path.clone(), pos: 0, reason: e.to_string() })?;
         }
         Ok(ConsumerOffsets {

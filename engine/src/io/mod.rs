@@ -83,3 +83,20 @@ pub fn write_atomically(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Res
     let parent = path.parent().expect("a file path has a parent directory");
     storage.sync_dir(parent)
 }
+
+/// Reads a whole small file (metadata, snapshots), refusing one larger than `size_bytes_max`
+/// before allocating for it.
+pub fn read_bounded(storage: &dyn Storage, path: &Path, size_bytes_max: u64) -> Result<Vec<u8>> {
+    let file = storage.open(path, OpenMode::ReadWrite)?;
+    let len = file.len()?;
+    if len > size_bytes_max {
+        return Err(crate::error::Error::Corrupt {
+            path: path.to_path_buf(),
+            pos: 0,
+            reason: format!("{len} bytes is larger than any valid file of its kind ({size_bytes_max})"),
+        });
+    }
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}

@@ -780,12 +780,5 @@ fn load_producer_state(
 }
 
 fn read_snapshot(storage: &dyn Storage, path: &Path) -> Result<(ProducerStates, u64)> {
-    let file = storage.open(path, OpenMode::ReadWrite)?;
-    let len = file.len()?;
-    if len > snapshot::SNAPSHOT_SIZE_BYTES_MAX {
-        return Err(Error::Corrupt { path: path.to_path_buf(), pos: 0, reason: "snapshot too large".into() });
-    }
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, 0)?;
-    snapshot::decode(&buf)
+    snapshot::decode(&crate::io::read_bounded(storage, path, snapshot::SNAPSHOT_SIZE_BYTES_MAX)?)
 }

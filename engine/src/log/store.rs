@@ -24,7 +24,6 @@ use crate::cursor::ConsumerOffsets;
 use crate::error::{Error, Result};
 use crate::format::topic_meta;
 use crate::format::{Compression, Record};
-use crate::io::OpenMode;
 use crate::limits::TOPIC_NAME_LEN_MAX;
 use crate::producer::{ProducerIdentity, ProducerRegistry};
 
@@ -331,10 +330,7 @@ fn load_topics(context: &PartitionContext, dir: &Path) -> Result<BTreeMap<String
             storage.remove_dir_all(&path)?;
             continue;
         }
-        let file = storage.open(&meta_path, OpenMode::ReadWrite)?;
-        let len = file.len()?;
-        let mut buf = vec![0u8; len.min(4096) as usize];
-        file.read_exact_at(&mut buf, 0)?;
+        let buf = crate::io::read_bounded(storage, &meta_path, topic_meta::TOPIC_META_SIZE as u64)?;
         let topic_config = topic_meta::decode(&buf).map_err(|e| Error::Corrupt {
             path: meta_path.clone(),
             pos: 0,

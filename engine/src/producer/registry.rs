@@ -12,7 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::io::{OpenMode, Storage};
+use crate::io::Storage;
 use crate::limits::TRANSACTIONAL_ID_LEN_MAX;
 
 /// Magic bytes: ASCII `RPID`.
@@ -58,17 +58,7 @@ impl ProducerRegistry {
         let path = dir.join(FILE_NAME);
         let mut state = RegistryState::default();
         if storage.exists(&path) {
-            let file = storage.open(&path, OpenMode::ReadWrite)?;
-            let len = file.len()?;
-            if len > FILE_SIZE_BYTES_MAX {
-                return Err(Error::Corrupt {
-                    path,
-                    pos: 0,
-                    reason: format!("{len} bytes is larger than any valid registry"),
-                });
-            }
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, 0)?;
+            let buf = crate::io::read_bounded(&*storage, &path, FILE_SIZE_BYTES_MAX)?;
             state = decode(&buf).map_err(|e| Error::Corrupt { path: path.clone(), pos: 0, reason: e.to_string() })?;
             // Ids up to the recorded block end may have been issued before the restart.
             state.next_id = state.block_end;
