@@ -164,6 +164,29 @@ pub enum Error {
         /// The batch's base sequence.
         base_sequence: i32,
     },
+    /// A priority-cursor delivery was acked or nacked without holding its lease: it was
+    /// already settled, its lease expired and was reclaimed, or it came from another cursor.
+    #[error("lease of {topic} lane {lane} partition {partition} offset {offset} is not held")]
+    LeaseNotHeld {
+        /// Priority topic.
+        topic: String,
+        /// Lane of the delivery.
+        lane: u8,
+        /// Partition of the delivery.
+        partition: u32,
+        /// Offset of the delivery.
+        offset: u64,
+    },
+    /// A record of a dead-letter topic lacks valid dead-letter metadata and cannot be replayed.
+    #[error("dead-letter record at partition {partition} offset {offset} is invalid: {reason}")]
+    InvalidDeadLetter {
+        /// Dead-letter partition.
+        partition: u32,
+        /// Offset of the record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// Another process holds the store directory.
     #[error("store directory {path} is locked by another process")]
     Locked {

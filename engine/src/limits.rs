@@ -46,7 +46,41 @@ pub const COMMITTED_OFFSETS_MAX: usize = 100_000;
 /// Longest topic name, as in Kafka (file-name limits leave room for the partition suffix).
 pub const TOPIC_NAME_LEN_MAX: usize = 249;
 
+/// Most priority lanes a priority topic may have (`p0` critical … `p3` batch).
+pub const PRIORITY_LANES_MAX: u8 = 4;
+
+/// Largest lane weight of a priority cursor. The scheduler's stride is
+/// `PRIORITY_STRIDE_SCALE / weight`, exact for every weight up to this value.
+pub const PRIORITY_WEIGHT_MAX: u32 = 16;
+
+/// lcm(1, …, 16): every allowed weight divides it, so strides are exact integers.
+pub const PRIORITY_STRIDE_SCALE: u64 = 720_720;
+
+/// Most offsets past its committed offset a priority cursor tracks per lane partition
+/// (settled, failed or leased). Bounds the cursor's memory and the checkpoint every ack
+/// rewrites: a lane partition whose oldest unsettled message lags this far stops
+/// delivering new messages until it is settled.
+pub const PRIORITY_CURSOR_WINDOW_MAX: u64 = 100_000;
+
+/// Most leases one priority cursor may hold at once (`max_in_flight` ≤ this).
+pub const PRIORITY_IN_FLIGHT_MAX: u32 = 100_000;
+
+/// Largest `max_deliveries` of a priority cursor.
+pub const PRIORITY_DELIVERIES_MAX: u32 = 1_000;
+
+/// Longest failure reason kept in a dead-letter record (longer reasons are cut at a
+/// character boundary).
+pub const DEAD_LETTER_REASON_LEN_MAX: usize = 1_024;
+
 const _: () = assert!(BATCH_SIZE_BYTES_MAX as u64 <= SEGMENT_SIZE_BYTES_MIN * 4096);
 const _: () = assert!(SEGMENT_SIZE_BYTES_MAX + BATCH_SIZE_BYTES_MAX as u64 <= u32::MAX as u64);
 const _: () = assert!(BATCH_UNCOMPRESSED_SIZE_BYTES_MAX >= BATCH_SIZE_BYTES_MAX);
 const _: () = assert!(SEGMENT_SIZE_BYTES_MIN < SEGMENT_SIZE_BYTES_MAX);
+const _: () = {
+    let mut weight = 1;
+    while weight <= PRIORITY_WEIGHT_MAX {
+        assert!(PRIORITY_STRIDE_SCALE.is_multiple_of(weight as u64), "every weight divides the stride scale");
+        weight += 1;
+    }
+};
+const _: () = assert!(PRIORITY_IN_FLIGHT_MAX as u64 <= PRIORITY_CURSOR_WINDOW_MAX * PRIORITY_LANES_MAX as u64);

@@ -1,9 +1,12 @@
-//! Consumer positions. For now: committed offsets per (group, topic, partition), kept in
-//! one checkpoint file that is replaced atomically on every commit.
+//! Consumer positions: committed offsets per (group, topic, partition), kept in one
+//! checkpoint file that is replaced atomically on every commit (`offsets.rs`), and priority
+//! cursors over priority topics (`priority/`: lanes, leases, retries, dead letters).
 //!
-//! It owns: the committed-offset map and its file.
-//! It must never: read or move a partition's data.
+//! It owns: the committed-offset map and its file; priority cursors and their files.
+//! It must never: write partition data (priority cursors only append dead letters and replays).
 
 pub mod offsets;
+pub mod priority;
 
 pub use offsets::ConsumerOffsets;
+pub use priority::{BackoffConfig, DeadLetter, Delivery, PriorityCursor, PriorityCursorConfig, PriorityTopic};

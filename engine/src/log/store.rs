@@ -20,6 +20,7 @@ use super::completion::AppendHandle;
 use super::partition::{Partition, PartitionContext};
 use super::partitioner::partition_for_key;
 use crate::config::{StoreConfig, TopicConfig};
+use crate::cursor::priority::PriorityCursorRegistry;
 use crate::cursor::ConsumerOffsets;
 use crate::error::{Error, Result};
 use crate::format::topic_meta;
@@ -98,6 +99,7 @@ struct StoreInner {
     config: StoreConfig,
     context: PartitionContext,
     offsets: ConsumerOffsets,
+    priority_cursors: PriorityCursorRegistry,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Held for the store's lifetime: keeps other processes from opening the directory.
     _lock: File,
@@ -137,7 +139,15 @@ impl Store {
         };
         let offsets = ConsumerOffsets::open(Arc::clone(&context.storage), &dir)?;
         let topics = load_topics(&context, &dir)?;
-        let inner = Arc::new(StoreInner { dir, config, context, offsets, topics: RwLock::new(topics), _lock: lock });
+        let inner = Arc::new(StoreInner {
+            dir,
+            config,
+            context,
+            offsets,
+            priority_cursors: PriorityCursorRegistry::default(),
+            topics: RwLock::new(topics),
+            _lock: lock,
+        });
         let stop = Arc::new(Stop::default());
         let maintenance = match inner.config.retention_check_interval_ms {
             None => None,
@@ -214,6 +224,16 @@ impl Store {
     /// Committed consumer offsets.
     pub fn consumer_offsets(&self) -> &ConsumerOffsets {
         &self.inner.offsets
+    }
+
+    /// The store's configuration (storage and clock for components above the log).
+    pub(crate) fn store_config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// The open priority cursors.
+    pub(crate) fn priority_cursor_registry(&self) -> &PriorityCursorRegistry {
+        &self.inner.priority_cursors
     }
 
     /// Applies retention to every partition now; returns the number of segments removed.

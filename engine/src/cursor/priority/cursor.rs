@@ -1,0 +1,596 @@
+//! The priority cursor: leases, acks, nacks, retries, dead-lettering and the group-committed
+//! checkpoint. The contract is in the parent module's docs.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use super::dlq::{dead_letter_record, DeadLetter};
+use super::schedule::{LaneScheduler, LANES};
+use super::state::{self, CursorState, Failure, QueueState};
+use super::{PriorityCursorConfig, PriorityTopic};
+use crate::config::Clock;
+use crate::error::{Error, Result};
+use crate::format::{Compression, StoredRecord};
+use crate::io::{OpenMode, Storage};
+use crate::limits::PRIORITY_CURSOR_WINDOW_MAX;
+use crate::log::partition::Partition;
+
+/// Bytes of a lane partition read ahead into memory at once.
+const READ_AHEAD_BYTES: u64 = 256 * 1024;
+const CURSORS_DIR: &str = "cursors";
+const LEASE_EXPIRED_REASON: &str = "lease expired";
+
+/// Lease ids are unique within the process, so a delivery from a closed instance of a cursor
+/// can never settle a message leased by a later instance.
+static NEXT_LEASE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What a cursor needs from its store.
+#[derive(Debug)]
+pub(crate) struct Environment {
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) store_dir: PathBuf,
+}
+
+/// A leased message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Lane the message was appended to.
+    pub lane: u8,
+    /// Partition of the lane topic.
+    pub partition: u32,
+    /// Offset in the lane partition.
+    pub offset: u64,
+    /// The record.
+    pub record: StoredRecord,
+    /// Deliveries of this message including this one (1 on the first).
+    pub delivery_count: u32,
+    /// The lease is reclaimed by the first poll or tick at or after this time (ms).
+    pub lease_deadline_ms: i64,
+    /// Since when the message had been ready when it was delivered (ms).
+    pub ready_since_ms: i64,
+    /// Identifies this lease; `ack`/`nack` of an older lease of the same message fail.
+    pub lease_id: u64,
+}
+
+/// One lane partition's volatile reading state.
+#[derive(Debug)]
+struct Queue {
+    lane: u8,
+    partition: Arc<Partition>,
+    /// Next offset not yet delivered since the cursor opened (or a read-ahead record).
+    fresh_next: u64,
+    /// Records read ahead, from `fresh_next` on.
+    buffer: VecDeque<StoredRecord>,
+    /// Failed, unleased messages waiting for redelivery: (visible_at_ms, offset).
+    waiting: BTreeSet<(i64, u64)>,
+}
+
+#[derive(Debug)]
+struct Lease {
+    deadline_ms: i64,
+    record: StoredRecord,
+    lease_id: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Fresh,
+    Retry,
+}
+
+/// The next message a lane partition would deliver.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    queue: usize,
+    ready_since_ms: i64,
+    offset: u64,
+    source: Source,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: CursorState,
+    queues: Vec<Queue>,
+    leases: BTreeMap<(usize, u64), Lease>,
+    deadlines: BTreeSet<(i64, usize, u64)>,
+    scheduler: LaneScheduler,
+    /// Bumped by every change of `state`; a write covers the generation it encoded.
+    changed_generation: u64,
+    written_generation: u64,
+    writing: bool,
+    failed: Option<String>,
+}
+
+/// A named consumer of a priority topic (see the module docs for its contract).
+#[derive(Debug)]
+pub struct PriorityCursor {
+    name: String,
+    topic: PriorityTopic,
+    config: PriorityCursorConfig,
+    env: Environment,
+    path: PathBuf,
+    inner: Mutex<Inner>,
+    written: Condvar,
+}
+
+impl PriorityCursor {
+    pub(crate) fn open(
+        topic: PriorityTopic,
+        name: &str,
+        config: PriorityCursorConfig,
+        env: Environment,
+    ) -> Result<Self> {
+        let dir = env.store_dir.join(CURSORS_DIR).join(topic.name());
+        let path = dir.join(format!("{name}.cursor"));
+        if !env.storage.exists(&dir) {
+            env.storage.create_dir_all(&dir)?;
+            env.storage.sync_dir(&env.store_dir.join(CURSORS_DIR))?;
+            env.storage.sync_dir(&env.store_dir)?;
+        }
+        let state = match load_state(&*env.storage, &path)? {
+            Some(state) => state,
+            None => CursorState::new(topic.lane_count(), topic.partitions()),
+        };
+        if state.lanes != topic.lane_count() || state.partitions != topic.partitions() {
+            let reason = format!(
+                "cursor state has {} lanes × {} partitions, topic has {} × {}",
+                state.lanes,
+                state.partitions,
+                topic.lane_count(),
+                topic.partitions()
+            );
+            return Err(Error::Corrupt { path, pos: 0, reason });
+        }
+        let queues = build_queues(&topic, &state)?;
+        let scheduler = LaneScheduler::new(config.weights, config.aging_ms, topic.lane_count());
+        let inner = Inner {
+            state,
+            queues,
+            leases: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            scheduler,
+            changed_generation: 0,
+            written_generation: 0,
+            writing: false,
+            failed: None,
+        };
+        let (inner, written) = (Mutex::new(inner), Condvar::new());
+        Ok(PriorityCursor { name: name.to_string(), topic, config, env, path, inner, written })
+    }
+
+    /// The cursor's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The priority topic it consumes.
+    pub fn topic(&self) -> &PriorityTopic {
+        &self.topic
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &PriorityCursorConfig {
+        &self.config
+    }
+
+    /// Leases held now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.lock().leases.len()
+    }
+
+    /// The committed offset of a lane partition: every message below it is settled.
+    pub fn committed_offset(&self, lane: u8, partition: u32) -> Result<u64> {
+        let index = self.queue_index(lane, partition)?;
+        Ok(self.inner.lock().state.queues[index].committed)
+    }
+
+    /// Messages of a lane partition that failed and are not settled yet.
+    pub fn failed_count(&self, lane: u8, partition: u32) -> Result<usize> {
+        let index = self.queue_index(lane, partition)?;
+        Ok(self.inner.lock().state.queues[index].failed.len())
+    }
+
+    /// Reclaims expired leases (as failures) and returns up to `max` new leases, fewer when
+    /// `max_in_flight` leases are held. Returns once reclaimed leases are durable.
+    pub fn poll(&self, max: usize) -> Result<Vec<Delivery>> {
+        let now_ms = self.env.clock.now_ms();
+        let mut inner = self.inner.lock();
+        self.check_poisoned(&inner)?;
+        let reclaimed = self.expire_leases(&mut inner, now_ms);
+        let room = (self.config.max_in_flight as usize).saturating_sub(inner.leases.len());
+        let mut deliveries = Vec::new();
+        let delivered = loop {
+            if deliveries.len() >= max.min(room) {
+                break Ok(());
+            }
+            match self.deliver_next(&mut inner, now_ms) {
+                Ok(Some(delivery)) => deliveries.push(delivery),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        if inner.changed_generation > inner.written_generation {
+            self.commit_changes(&mut inner)?;
+        }
+        reclaimed?;
+        delivered?;
+        Ok(deliveries)
+    }
+
+    /// Reclaims expired leases without delivering anything.
+    pub fn tick(&self) -> Result<()> {
+        self.poll(0).map(drop)
+    }
+
+    /// Settles a delivery; returns once that is durable.
+    pub fn ack(&self, delivery: &Delivery) -> Result<()> {
+        let mut inner = self.inner.lock();
+        self.check_poisoned(&inner)?;
+        let (index, _lease) = self.take_lease(&mut inner, delivery)?;
+        inner.state.queues[index].settle(delivery.offset);
+        inner.changed_generation += 1;
+        self.commit_changes(&mut inner)
+    }
+
+    /// Gives a delivery back: it is delivered again after `delay_ms` (or the configured
+    /// backoff), or dead-lettered with `reason` if this was its last allowed delivery.
+    /// Returns once that is durable.
+    pub fn nack(&self, delivery: &Delivery, delay_ms: Option<u64>, reason: &str) -> Result<()> {
+        let now_ms = self.env.clock.now_ms();
+        let mut inner = self.inner.lock();
+        self.check_poisoned(&inner)?;
+        let (index, lease) = self.take_lease(&mut inner, delivery)?;
+        let failed = self.fail(&mut inner, index, lease.record, now_ms, delay_ms, reason);
+        let committed = self.commit_changes(&mut inner);
+        failed.and(committed)
+    }
+
+    fn queue_index(&self, lane: u8, partition: u32) -> Result<usize> {
+        if lane >= self.topic.lane_count() || partition >= self.topic.partitions() {
+            let topic = super::lane_topic_name(self.topic.name(), lane);
+            return Err(Error::PartitionNotFound { topic, partition, partitions: self.topic.partitions() });
+        }
+        Ok(usize::from(lane) * self.topic.partitions() as usize + partition as usize)
+    }
+
+    fn check_poisoned(&self, inner: &Inner) -> Result<()> {
+        match &inner.failed {
+            Some(cause) => Err(Error::Poisoned { partition: self.label(), cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("priority cursor {} of {}", self.name, self.topic.name())
+    }
+
+    fn take_lease(&self, inner: &mut Inner, delivery: &Delivery) -> Result<(usize, Lease)> {
+        let index = self.queue_index(delivery.lane, delivery.partition)?;
+        let key = (index, delivery.offset);
+        if inner.leases.get(&key).is_none_or(|lease| lease.lease_id != delivery.lease_id) {
+            return Err(Error::LeaseNotHeld {
+                topic: self.topic.name().to_string(),
+                lane: delivery.lane,
+                partition: delivery.partition,
+                offset: delivery.offset,
+            });
+        }
+        let lease = inner.leases.remove(&key).expect("checked just above");
+        inner.deadlines.remove(&(lease.deadline_ms, index, delivery.offset));
+        Ok((index, lease))
+    }
+
+    /// Fails every lease whose deadline has passed. Keeps going past a failed dead-letter
+    /// append (the message is retried later) and reports the first such error.
+    fn expire_leases(&self, inner: &mut Inner, now_ms: i64) -> Result<()> {
+        let mut first_error = Ok(());
+        while let Some(&(deadline_ms, index, offset)) = inner.deadlines.first() {
+            if deadline_ms > now_ms {
+                break;
+            }
+            inner.deadlines.pop_first();
+            let lease = inner.leases.remove(&(index, offset)).expect("every deadline has its lease");
+            if let Err(e) = self.fail(inner, index, lease.record, now_ms, None, LEASE_EXPIRED_REASON) {
+                if first_error.is_ok() {
+                    first_error = Err(e);
+                }
+            }
+        }
+        first_error
+    }
+
+    /// Records a failed delivery: schedules the retry, or dead-letters the message after
+    /// its last allowed delivery.
+    fn fail(
+        &self,
+        inner: &mut Inner,
+        index: usize,
+        record: StoredRecord,
+        now_ms: i64,
+        delay_ms: Option<u64>,
+        reason: &str,
+    ) -> Result<()> {
+        let offset = record.offset;
+        let queue_state = &mut inner.state.queues[index];
+        if queue_state.is_settled(offset) {
+            // Retention skipped it while it was leased.
+            return Ok(());
+        }
+        let fresh = Failure { failures: 0, visible_at_ms: now_ms, first_failure_ms: now_ms, last_failure_ms: now_ms };
+        let failure = queue_state.failed.entry(offset).or_insert(fresh);
+        failure.failures += 1;
+        failure.last_failure_ms = now_ms;
+        let failure = *failure;
+        inner.changed_generation += 1;
+        let mut outcome = Ok(());
+        if failure.failures >= self.config.max_deliveries {
+            outcome = self.dead_letter(inner, index, &record, &failure, reason);
+            if outcome.is_ok() {
+                inner.state.queues[index].settle(offset);
+                return Ok(());
+            }
+        }
+        let queue = &inner.queues[index];
+        let sample = self.config.backoff.jitter_sample(queue.lane, queue.partition.id(), offset, failure.failures);
+        let delay_ms = delay_ms.unwrap_or_else(|| self.config.backoff.delay_ms(failure.failures, sample));
+        let visible_at_ms = now_ms.saturating_add(i64::try_from(delay_ms).unwrap_or(i64::MAX));
+        if let Some(stored) = inner.state.queues[index].failed.get_mut(&offset) {
+            stored.visible_at_ms = visible_at_ms;
+        }
+        inner.queues[index].waiting.insert((visible_at_ms, offset));
+        outcome
+    }
+
+    fn dead_letter(
+        &self,
+        inner: &Inner,
+        index: usize,
+        record: &StoredRecord,
+        failure: &Failure,
+        reason: &str,
+    ) -> Result<()> {
+        let queue = &inner.queues[index];
+        let letter = DeadLetter {
+            reason: reason.to_string(),
+            delivery_count: failure.failures,
+            first_failure_ms: failure.first_failure_ms,
+            last_failure_ms: failure.last_failure_ms,
+            topic: self.topic.name().to_string(),
+            lane: queue.lane,
+            partition: queue.partition.id(),
+            offset: record.offset,
+        };
+        let dlq = self.topic.dlq().partition(queue.partition.id())?;
+        dlq.append_records(&[dead_letter_record(record, &letter)], Compression::None)?.wait().map(drop)
+    }
+
+    /// Chooses and leases the next message, or `None` when nothing is ready.
+    fn deliver_next(&self, inner: &mut Inner, now_ms: i64) -> Result<Option<Delivery>> {
+        // Each round either delivers or settles a retry whose record retention deleted, so
+        // the rounds are bounded by the window.
+        loop {
+            let mut best: [Option<Candidate>; LANES] = [None; LANES];
+            for index in 0..inner.queues.len() {
+                let Some(candidate) = inner.candidate(index, now_ms)? else { continue };
+                let lane = usize::from(inner.queues[index].lane);
+                if best[lane].is_none_or(|b| candidate.ready_since_ms < b.ready_since_ms) {
+                    best[lane] = Some(candidate);
+                }
+            }
+            let oldest = best.map(|c| c.map(|c| c.ready_since_ms));
+            let Some(lane) = inner.scheduler.pick(now_ms, &oldest) else { return Ok(None) };
+            let candidate = best[usize::from(lane)].expect("the scheduler picks a lane with a candidate");
+            if let Some(delivery) = self.lease(inner, candidate, now_ms)? {
+                return Ok(Some(delivery));
+            }
+        }
+    }
+
+    fn lease(&self, inner: &mut Inner, candidate: Candidate, now_ms: i64) -> Result<Option<Delivery>> {
+        let index = candidate.queue;
+        let (record, delivery_count) = match candidate.source {
+            Source::Fresh => {
+                let queue = &mut inner.queues[index];
+                let record = queue.buffer.pop_front().expect("a fresh candidate is the read-ahead front");
+                queue.fresh_next = record.offset + 1;
+                (record, 1)
+            }
+            Source::Retry => {
+                inner.queues[index].waiting.remove(&(candidate.ready_since_ms, candidate.offset));
+                let failures = inner.state.queues[index].failed.get(&candidate.offset).map_or(0, |f| f.failures);
+                match read_one(&inner.queues[index].partition, candidate.offset)? {
+                    Some(record) => (record, failures + 1),
+                    None => {
+                        inner.state.queues[index].settle(candidate.offset);
+                        inner.changed_generation += 1;
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let deadline_ms = now_ms.saturating_add(i64::try_from(self.config.lease_ms).expect("lease_ms ≤ 1 day"));
+        let lease_id = NEXT_LEASE_ID.fetch_add(1, Ordering::Relaxed);
+        let queue = &inner.queues[index];
+        let delivery = Delivery {
+            lane: queue.lane,
+            partition: queue.partition.id(),
+            offset: record.offset,
+            record: record.clone(),
+            delivery_count,
+            lease_deadline_ms: deadline_ms,
+            ready_since_ms: candidate.ready_since_ms,
+            lease_id,
+        };
+        inner.deadlines.insert((deadline_ms, index, record.offset));
+        inner.leases.insert((index, record.offset), Lease { deadline_ms, record, lease_id });
+        Ok(Some(delivery))
+    }
+
+    /// Makes every change up to now durable: writes the state, or waits for a write that
+    /// started after the change (group commit).
+    fn commit_changes(&self, inner: &mut MutexGuard<'_, Inner>) -> Result<()> {
+        let my_generation = inner.changed_generation;
+        loop {
+            self.check_poisoned(inner)?;
+            if inner.written_generation >= my_generation {
+                return Ok(());
+            }
+            if !inner.writing {
+                self.write_state(inner);
+                continue;
+            }
+            self.written.wait(inner);
+        }
+    }
+
+    fn write_state(&self, inner: &mut MutexGuard<'_, Inner>) {
+        inner.writing = true;
+        let generation = inner.changed_generation;
+        let bytes = state::encode(&inner.state);
+        let result =
+            MutexGuard::unlocked(inner, || crate::io::write_atomically(&*self.env.storage, &self.path, &bytes));
+        inner.writing = false;
+        match result {
+            Ok(()) => inner.written_generation = inner.written_generation.max(generation),
+            // The file's state is unknown after a failed write: refuse further changes until
+            // the cursor is reopened, as a partition does after a failed fsync.
+            Err(e) => inner.failed = Some(e.to_string()),
+        }
+        self.written.notify_all();
+    }
+}
+
+impl Inner {
+    /// The message lane partition `index` would deliver next, if one is ready.
+    fn candidate(&mut self, index: usize, now_ms: i64) -> Result<Option<Candidate>> {
+        let retry = self.queues[index].waiting.first().copied().filter(|(visible_at_ms, _)| *visible_at_ms <= now_ms);
+        let retry = retry.map(|(ready_since_ms, offset)| Candidate {
+            queue: index,
+            ready_since_ms,
+            offset,
+            source: Source::Retry,
+        });
+        let fresh = self.fresh_head(index)?.map(|(timestamp_ms, offset)| Candidate {
+            queue: index,
+            ready_since_ms: timestamp_ms.min(now_ms),
+            offset,
+            source: Source::Fresh,
+        });
+        Ok(match (retry, fresh) {
+            (Some(r), Some(f)) if (f.ready_since_ms, f.offset) < (r.ready_since_ms, r.offset) => Some(f),
+            (Some(r), _) => Some(r),
+            (None, f) => f,
+        })
+    }
+
+    /// Timestamp and offset of the first never-delivered unsettled message of a lane
+    /// partition within the window, reading ahead as needed.
+    fn fresh_head(&mut self, index: usize) -> Result<Option<(i64, u64)>> {
+        loop {
+            let (queue, queue_state) = (&mut self.queues[index], &mut self.state.queues[index]);
+            if let Some(front) = queue.buffer.front() {
+                let offset = front.offset;
+                if queue_state.is_settled(offset) || queue_state.failed.contains_key(&offset) {
+                    // Settled or waiting for a retry before the cursor was reopened.
+                    queue.buffer.pop_front();
+                    queue.fresh_next = offset + 1;
+                    continue;
+                }
+                if offset - queue_state.committed >= PRIORITY_CURSOR_WINDOW_MAX {
+                    return Ok(None);
+                }
+                return Ok(Some((front.timestamp_ms, offset)));
+            }
+            if !self.read_ahead(index)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads the next records of a lane partition into its buffer; `false` at the end of the
+    /// log or of the window.
+    fn read_ahead(&mut self, index: usize) -> Result<bool> {
+        let (queue, queue_state) = (&mut self.queues[index], &mut self.state.queues[index]);
+        let window_end = queue_state.committed + PRIORITY_CURSOR_WINDOW_MAX;
+        if queue.fresh_next >= queue.partition.end_offset() || queue.fresh_next >= window_end {
+            return Ok(false);
+        }
+        let records = match queue.partition.read_records(queue.fresh_next, READ_AHEAD_BYTES) {
+            Ok(records) => records,
+            Err(Error::OffsetOutOfRange { log_start, .. }) if queue.fresh_next < log_start => {
+                // Retention deleted messages this cursor had not settled: skip them.
+                queue_state.settle_below(log_start);
+                queue.waiting.retain(|(_, offset)| *offset >= log_start);
+                queue.fresh_next = log_start;
+                self.changed_generation += 1;
+                return Ok(true);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut expected = queue.fresh_next;
+        let mut gaps = false;
+        for record in records {
+            // Offsets without a record (none today; kept for compaction) are settled.
+            for gap in expected..record.offset {
+                queue_state.settle(gap);
+                gaps = true;
+            }
+            expected = record.offset + 1;
+            queue.buffer.push_back(record);
+        }
+        if gaps {
+            self.changed_generation += 1;
+        }
+        Ok(!self.queues[index].buffer.is_empty())
+    }
+}
+
+fn build_queues(topic: &PriorityTopic, state: &CursorState) -> Result<Vec<Queue>> {
+    let mut queues = Vec::with_capacity(state.queues.len());
+    for lane in 0..topic.lane_count() {
+        for partition in 0..topic.partitions() {
+            let queue_state: &QueueState = &state.queues[queues.len()];
+            let waiting = queue_state.failed.iter().map(|(offset, f)| (f.visible_at_ms, *offset)).collect();
+            queues.push(Queue {
+                lane,
+                partition: Arc::clone(topic.lane(lane)?.partition(partition)?),
+                fresh_next: queue_state.committed,
+                buffer: VecDeque::new(),
+                waiting,
+            });
+        }
+    }
+    Ok(queues)
+}
+
+fn load_state(storage: &dyn Storage, path: &Path) -> Result<Option<CursorState>> {
+    if !storage.exists(path) {
+        return Ok(None);
+    }
+    let file = storage.open(path, OpenMode::ReadWrite)?;
+    let len = usize::try_from(file.len()?).map_err(|e| Error::Corrupt {
+        path: path.to_path_buf(),
+        pos: 0,
+        reason: format!("file length does not fit in memory: {e}"),
+    })?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0)?;
+    state::decode(&buf).map(Some).map_err(|e| Error::Corrupt {
+        path: path.to_path_buf(),
+        pos: 0,
+        reason: e.to_string(),
+    })
+}
+
+fn read_one(partition: &Partition, offset: u64) -> Result<Option<StoredRecord>> {
+    match partition.read_records(offset, 1) {
+        Ok(records) => Ok(records.into_iter().find(|r| r.offset == offset)),
+        Err(Error::OffsetOutOfRange { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
