@@ -2,6 +2,10 @@
 //! the `rill-bench` binary (`src/bin/rill-bench.rs`) build their workloads here so that
 //! both measure the same thing.
 
+pub mod idempotence;
+pub mod server_load;
+pub mod summary;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -5,6 +5,9 @@
 //! cargo run --release -p rill-bench --bin rill-bench -- group-commit  # fsync=always, 1..64 appenders
 //! cargo run --release -p rill-bench --bin rill-bench -- read          # sequential scan from the page cache
 //! cargo run --release -p rill-bench --bin rill-bench -- all --json    # all three, one JSON line per result
+//! cargo run --release -p rill-bench --bin rill-bench -- idempotence     # append_records vs append_producer_records
+//! cargo run --release -p rill-bench --bin rill-bench -- server-produce  # server throughput over loopback
+//! cargo run --release -p rill-bench --bin rill-bench -- server-latency  # open-loop produce -> consume latency
 //! ```
 //!
 //! Every run works in a fresh scratch directory (inside `--dir`, default `./target` if it
@@ -21,6 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use rill_bench::idempotence::IdempotenceArgs;
+use rill_bench::server_load::{LatencyArgs, ProduceArgs};
 use rill_bench::{
     children_cpu_s, encode, load_average, now_ms, records, walk_headers, Sched, ScratchDir, TimingStorage,
 };
@@ -56,6 +61,12 @@ enum Cmd {
     GroupCommit(GroupCommitArgs),
     /// Write a log with fsync=never, then scan it from the page cache.
     Read(ReadArgs),
+    /// Embedded append throughput, append_records vs. idempotent append_producer_records.
+    Idempotence(IdempotenceArgs),
+    /// Server produce throughput over loopback (raw pipeline, batching Producer, fsync=always vs never).
+    ServerProduce(ProduceArgs),
+    /// Open-loop produce -> consume latency through the server at a fixed rate.
+    ServerLatency(LatencyArgs),
     /// Runs append, group-commit and read.
     All {
         #[command(flatten)]
@@ -188,6 +199,12 @@ impl Report {
     }
 }
 
+impl rill_bench::summary::Sink for Report {
+    fn row(&mut self, bench: &'static str, metric: String, value: f64, unit: &'static str, note: String) {
+        self.add(bench, metric, value, unit, &note);
+    }
+}
+
 fn format_value(value: f64) -> String {
     if value.abs() >= 1000.0 {
         format!("{value:.0}")
@@ -259,6 +276,9 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Append(args) => bench_append(scratch.path(), args, &mut report),
         Cmd::GroupCommit(args) => bench_group_commit(scratch.path(), args, &mut report),
         Cmd::Read(args) => bench_read(scratch.path(), args, &mut report),
+        Cmd::Idempotence(args) => rill_bench::idempotence::run(scratch.path(), args, &mut report),
+        Cmd::ServerProduce(args) => rill_bench::server_load::run_produce(scratch.path(), args, &mut report),
+        Cmd::ServerLatency(args) => rill_bench::server_load::run_latency(scratch.path(), args, &mut report),
         Cmd::All { append, group_commit, read } => bench_append(scratch.path(), append, &mut report)
             .and_then(|()| bench_group_commit(scratch.path(), group_commit, &mut report))
             .and_then(|()| bench_read(scratch.path(), read, &mut report)),

@@ -74,7 +74,7 @@ pub struct ProducerConfig {
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
-            linger_ms: 5,
+            linger_ms: 1,
             batch_size_bytes: 256 * 1024,
             idempotent: true,
             acks: Acks::Leader,
