@@ -23,8 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut handles = Vec::new();
     for batch in 0..1_000u64 {
-        let records: Vec<Record> =
-            (0..100u64).map(|i| Record::keyed(format!("key-{}", i % 10), format!("event {}", batch * 100 + i))).collect();
+        let records: Vec<Record> = (0..100u64)
+            .map(|i| Record::keyed(format!("key-{}", i % 10), format!("event {}", batch * 100 + i)))
+            .collect();
         handles.push(partition.append_records(&records, Compression::Lz4)?);
         if handles.len() == 64 {
             for handle in handles.drain(..) {
@@ -55,4 +56,3 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("closed cleanly; run again to append more");
     Ok(())
 }
-
