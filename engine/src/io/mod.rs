@@ -6,6 +6,8 @@
 //! It must never: interpret the bytes it moves.
 
 pub mod fault;
+// The only `unsafe` in the engine: memory maps, with their invariants in `mmap.rs`.
+#[allow(unsafe_code)]
 mod mmap;
 mod std_storage;
 
