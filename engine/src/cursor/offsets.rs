@@ -11,6 +11,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
+use crate::format::envelope;
 use crate::io::Storage;
 use crate::limits::{COMMITTED_OFFSETS_MAX, CONSUMER_GROUP_LEN_MAX, TOPIC_NAME_LEN_MAX};
 
@@ -154,10 +155,7 @@ impl ConsumerOffsets {
 }
 
 fn encode(offsets: &BTreeMap<OffsetKey, u64>) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(HEADER_SIZE + offsets.len() * 48);
-    buf.extend_from_slice(&OFFSETS_MAGIC);
-    buf.extend_from_slice(&OFFSETS_VERSION.to_le_bytes());
-    buf.extend_from_slice(&0u16.to_le_bytes());
+    let mut buf = envelope::begin(OFFSETS_MAGIC, OFFSETS_VERSION, 4 + offsets.len() * 48);
     let count = u32::try_from(offsets.len()).expect("bounded by COMMITTED_OFFSETS_MAX");
     buf.extend_from_slice(&count.to_le_bytes());
     for (key, offset) in offsets {
@@ -170,33 +168,15 @@ fn encode(offsets: &BTreeMap<OffsetKey, u64>) -> Vec<u8> {
         buf.extend_from_slice(&key.partition.to_le_bytes());
         buf.extend_from_slice(&offset.to_le_bytes());
     }
-    let crc = crc32fast::hash(&buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
-    buf
+    envelope::seal(buf)
 }
 
 /// Decodes a consumer offsets file.
 pub fn decode(buf: &[u8]) -> Result<BTreeMap<OffsetKey, u64>> {
     let bad = |reason: &str| Error::MalformedBatch { reason: format!("consumer offsets: {reason}") };
-    if buf.len() < HEADER_SIZE + 4 {
+    let body = envelope::open(buf, OFFSETS_MAGIC, OFFSETS_VERSION, "consumer offsets")?;
+    if body.len() < HEADER_SIZE {
         return Err(bad("shorter than its header"));
-    }
-    let (body, crc) = buf.split_at(buf.len() - 4);
-    let expected = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-    let actual = crc32fast::hash(body);
-    if expected != actual {
-        return Err(Error::ChecksumMismatch { expected, actual });
-    }
-    if body[..4] != OFFSETS_MAGIC {
-        return Err(bad("bad magic"));
-    }
-    let version = u16::from_le_bytes([body[4], body[5]]);
-    if version != OFFSETS_VERSION {
-        return Err(Error::UnsupportedVersion {
-            what: "consumer offsets",
-            found: u32::from(version),
-            supported: u32::from(OFFSETS_VERSION),
-        });
     }
     let count = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes")) as usize;
     if count > COMMITTED_OFFSETS_MAX {

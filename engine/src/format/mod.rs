@@ -2,6 +2,7 @@
 //! this module never does I/O. The normative description is `docs/format.md`.
 
 pub mod batch;
+pub mod envelope;
 pub mod topic_meta;
 pub mod varint;
 

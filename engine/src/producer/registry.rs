@@ -12,6 +12,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::format::envelope;
 use crate::io::Storage;
 use crate::limits::TRANSACTIONAL_ID_LEN_MAX;
 
@@ -144,10 +145,7 @@ fn validate_transactional_id(tid: &str) -> Result<()> {
 }
 
 fn encode(state: &RegistryState) -> Vec<u8> {
-    let mut buf = Vec::new();
-    buf.extend_from_slice(&REGISTRY_MAGIC);
-    buf.extend_from_slice(&REGISTRY_VERSION.to_le_bytes());
-    buf.extend_from_slice(&0u16.to_le_bytes());
+    let mut buf = envelope::begin(REGISTRY_MAGIC, REGISTRY_VERSION, 12 + state.transactional.len() * 32);
     buf.extend_from_slice(&state.block_end.to_le_bytes());
     let count = u32::try_from(state.transactional.len()).expect("bounded by TRANSACTIONAL_IDS_MAX");
     buf.extend_from_slice(&count.to_le_bytes());
@@ -158,32 +156,14 @@ fn encode(state: &RegistryState) -> Vec<u8> {
         buf.extend_from_slice(&identity.producer_id.to_le_bytes());
         buf.extend_from_slice(&identity.producer_epoch.to_le_bytes());
     }
-    let crc = crc32fast::hash(&buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
-    buf
+    envelope::seal(buf)
 }
 
 fn decode(buf: &[u8]) -> Result<RegistryState> {
     let bad = |reason: &str| Error::MalformedBatch { reason: format!("producer registry: {reason}") };
-    if buf.len() < 24 {
+    let body = envelope::open(buf, REGISTRY_MAGIC, REGISTRY_VERSION, "producer registry")?;
+    if body.len() < 20 {
         return Err(bad("shorter than its header"));
-    }
-    let (body, crc) = buf.split_at(buf.len() - 4);
-    let expected = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-    let actual = crc32fast::hash(body);
-    if expected != actual {
-        return Err(Error::ChecksumMismatch { expected, actual });
-    }
-    if body[..4] != REGISTRY_MAGIC {
-        return Err(bad("bad magic"));
-    }
-    let version = u16::from_le_bytes([body[4], body[5]]);
-    if version != REGISTRY_VERSION {
-        return Err(Error::UnsupportedVersion {
-            what: "producer registry",
-            found: u32::from(version),
-            supported: u32::from(REGISTRY_VERSION),
-        });
     }
     let block_end = i64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
     let count = u32::from_le_bytes(body[16..20].try_into().expect("4 bytes")) as usize;

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use super::state::{BatchMetadata, ProducerEntry, ProducerStates, BATCHES_PER_PRODUCER_MAX};
 use crate::error::{Error, Result};
+use crate::format::envelope;
 use crate::limits::PRODUCERS_PER_PARTITION_MAX;
 
 /// Magic bytes: ASCII `RPSN`.
@@ -41,10 +42,8 @@ pub const SNAPSHOT_SIZE_BYTES_MAX: u64 = (ENTRIES_OFFSET
 
 /// Encodes `states` as of `offset`.
 pub fn encode(states: &ProducerStates, offset: u64) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(ENTRIES_OFFSET + states.len() * (PRODUCER_ENTRY_SIZE + 2 * BATCH_ENTRY_SIZE));
-    buf.extend_from_slice(&SNAPSHOT_MAGIC);
-    buf.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-    buf.extend_from_slice(&0u16.to_le_bytes());
+    let capacity = 12 + states.len() * (PRODUCER_ENTRY_SIZE + 2 * BATCH_ENTRY_SIZE);
+    let mut buf = envelope::begin(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, capacity);
     buf.extend_from_slice(&offset.to_le_bytes());
     let count = u32::try_from(states.len()).expect("producer count bounded by PRODUCERS_PER_PARTITION_MAX");
     buf.extend_from_slice(&count.to_le_bytes());
@@ -62,9 +61,7 @@ pub fn encode(states: &ProducerStates, offset: u64) -> Vec<u8> {
             buf.extend_from_slice(&b.timestamp_ms.to_le_bytes());
         }
     }
-    let crc = crc32fast::hash(&buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
-    buf
+    envelope::seal(buf)
 }
 
 struct Reader<'a> {
@@ -107,28 +104,8 @@ fn malformed(reason: String) -> Error {
 
 /// Decodes and validates a snapshot; returns the states and the snapshot offset.
 pub fn decode(buf: &[u8]) -> Result<(ProducerStates, u64)> {
-    if buf.len() < ENTRIES_OFFSET + CRC_SIZE {
-        return Err(malformed(format!("{} bytes is shorter than the header", buf.len())));
-    }
-    let (body, crc) = buf.split_at(buf.len() - CRC_SIZE);
-    let expected = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-    let actual = crc32fast::hash(body);
-    if expected != actual {
-        return Err(Error::ChecksumMismatch { expected, actual });
-    }
-    let mut r = Reader { buf: body, pos: 0 };
-    if r.take::<4>()? != SNAPSHOT_MAGIC {
-        return Err(malformed("bad magic".into()));
-    }
-    let version = u16::from_le_bytes(r.take()?);
-    if version != SNAPSHOT_VERSION {
-        return Err(Error::UnsupportedVersion {
-            what: "producer snapshot",
-            found: u32::from(version),
-            supported: u32::from(SNAPSHOT_VERSION),
-        });
-    }
-    r.take::<2>()?;
+    let body = envelope::open(buf, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, "producer snapshot")?;
+    let mut r = Reader { buf: body, pos: SNAPSHOT_OFFSET_OFFSET };
     let offset = r.u64()?;
     let count = r.u32()?;
     if count > PRODUCERS_PER_PARTITION_MAX {
