@@ -37,7 +37,10 @@ pub mod segment;
 pub(crate) mod sync;
 
 pub use config::{Clock, FsyncPolicy, ManualClock, StoreConfig, SystemClock, TopicConfig};
-pub use cursor::{BackoffConfig, DeadLetter, Delivery, PriorityCursor, PriorityCursorConfig, PriorityTopic};
+pub use cursor::{
+    BackoffConfig, DeadLetter, Delivery, LaneStats, PriorityCursor, PriorityCursorConfig, PriorityCursorStats,
+    PriorityTopic,
+};
 pub use error::{Error, Result};
 pub use format::{Compression, Header, ProducerFields, Record, StoredRecord};
 pub use log::completion::{AppendHandle, AppendInfo};

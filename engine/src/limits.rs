@@ -65,6 +65,11 @@ pub const PRIORITY_CURSOR_WINDOW_MAX: u64 = 100_000;
 /// Most leases one priority cursor may hold at once (`max_in_flight` ≤ this).
 pub const PRIORITY_IN_FLIGHT_MAX: u32 = 100_000;
 
+/// Longest a priority cursor's lease may be extended by one `extend_lease` call (1 hour):
+/// the new deadline is at most this far in the future, so a stuck consumer cannot hold a
+/// message indefinitely without calling again.
+pub const PRIORITY_LEASE_EXTENSION_MS_MAX: u64 = 60 * 60 * 1000;
+
 /// Largest `max_deliveries` of a priority cursor.
 pub const PRIORITY_DELIVERIES_MAX: u32 = 1_000;
 

@@ -304,3 +304,113 @@ impl NowForTest for Arc<ManualClock> {
         rill_engine::Clock::now_ms(&**self)
     }
 }
+
+/// `extend_lease` moves the deadline to now + extra (bounded by the limit), keeps the lease
+/// id, and refuses an expired lease, a settled one, one of another instance, and a stale copy.
+#[test]
+fn extend_lease_moves_the_deadline() {
+    use rill_engine::limits::PRIORITY_LEASE_EXTENSION_MS_MAX;
+    let dir = tempdir();
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let store = open(dir.path(), &clock);
+    store.create_priority_topic("jobs", 1, topic_config(1)).expect("create");
+    produce(&store, 0, &["a", "b"]);
+    let cursor = store.priority_cursor("jobs", "c", cursor_config()).expect("cursor");
+    let polled = cursor.poll(2).expect("poll");
+    let (a, b) = (&polled[0], &polled[1]);
+    assert_eq!(a.lease_deadline_ms, START_MS + 1_000);
+    clock.advance_ms(900);
+    let extended = cursor.extend_lease(a, 5_000).expect("extend a");
+    assert_eq!(extended.lease_deadline_ms, START_MS + 900 + 5_000);
+    assert_eq!((extended.lease_id, extended.offset), (a.lease_id, a.offset));
+    assert!(matches!(cursor.extend_lease(a, 0), Err(Error::InvalidConfig { .. })));
+    assert!(matches!(cursor.extend_lease(a, PRIORITY_LEASE_EXTENSION_MS_MAX + 1), Err(Error::InvalidConfig { .. })));
+    clock.advance_ms(100);
+    // b's deadline has passed: it cannot be extended even before a poll reclaims it.
+    assert!(matches!(cursor.extend_lease(b, 5_000), Err(Error::LeaseNotHeld { .. })));
+    cursor.tick().expect("tick");
+    assert_eq!(cursor.in_flight(), 1, "a survived its original deadline, b was reclaimed");
+    clock.advance_ms(4_899);
+    cursor.tick().expect("tick");
+    assert_eq!(cursor.in_flight(), 1, "a is held until the extended deadline");
+    // Extending again (from the original copy: the lease id is what counts).
+    let again = cursor.extend_lease(a, 10).expect("extend a again");
+    assert_eq!(again.lease_deadline_ms, clock.now_ms_for_test() + 10);
+    clock.advance_ms(10);
+    assert!(matches!(cursor.extend_lease(&again, 10), Err(Error::LeaseNotHeld { .. })), "expired");
+    cursor.tick().expect("tick");
+    assert_eq!(cursor.in_flight(), 0);
+    clock.advance_ms(10_000);
+    let retried = cursor.poll(2).expect("poll");
+    assert_eq!(retried.len(), 2);
+    assert!(matches!(cursor.extend_lease(a, 10), Err(Error::LeaseNotHeld { .. })), "an older lease");
+    cursor.ack(&retried[0]).expect("ack");
+    assert!(matches!(cursor.extend_lease(&retried[0], 10), Err(Error::LeaseNotHeld { .. })), "settled");
+    let extended = cursor.extend_lease(&retried[1], 60_000).expect("extend");
+    clock.advance_ms(59_999);
+    cursor.ack(&extended).expect("ack within the extended lease");
+}
+
+/// `stats` counts per lane the ready, waiting and leased messages, the oldest ready age,
+/// and the dead-letter topic's size.
+#[test]
+fn stats_report_depth_in_flight_age_and_dlq() {
+    let dir = tempdir();
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let store = open(dir.path(), &clock);
+    store.create_priority_topic("jobs", 2, topic_config(2)).expect("create");
+    let cursor = store
+        .priority_cursor("jobs", "c", PriorityCursorConfig { max_deliveries: 1, ..cursor_config() })
+        .expect("cursor");
+    let empty = cursor.stats();
+    assert_eq!(empty.lanes.len(), 2);
+    assert!(empty.lanes.iter().all(|l| *l == rill_engine::LaneStats::default()));
+    assert_eq!(empty.dlq_size, 0);
+    produce(&store, 0, &["a", "b", "c"]);
+    clock.advance_ms(300);
+    produce(&store, 1, &["x", "y"]);
+    clock.advance_ms(200);
+    let stats = cursor.stats();
+    assert_eq!((stats.lanes[0].ready, stats.lanes[1].ready), (3, 2), "unread messages count as ready");
+    let polled = cursor.poll(3).expect("poll");
+    assert!(polled.iter().all(|d| d.lane == 0));
+    let stats = cursor.stats();
+    assert_eq!((stats.lanes[0].ready, stats.lanes[0].in_flight), (0, 3));
+    assert_eq!((stats.lanes[1].ready, stats.lanes[1].in_flight), (2, 0));
+    assert_eq!(stats.lanes[0].oldest_ready_age_ms, 0, "nothing ready in p0");
+    assert_eq!(stats.lanes[1].oldest_ready_age_ms, 200, "p1's messages were appended 200 ms ago");
+    cursor.ack(&polled[0]).expect("ack");
+    cursor.nack(&polled[1], None, "dead").expect("max_deliveries 1: dead-lettered");
+    let stats = cursor.stats();
+    assert_eq!((stats.lanes[0].ready, stats.lanes[0].in_flight), (0, 1));
+    assert_eq!(stats.dlq_size, 1);
+    let p1 = cursor.poll(1).expect("poll").pop().expect("x or y");
+    assert_eq!(p1.lane, 1);
+    let stats = cursor.stats();
+    assert_eq!((stats.lanes[1].ready, stats.lanes[1].in_flight, stats.lanes[1].waiting), (1, 1, 0));
+    cursor.ack(&p1).expect("ack");
+    cursor.ack(&polled[2]).expect("ack");
+    let stats = cursor.stats();
+    assert_eq!((stats.lanes[0].ready, stats.lanes[0].in_flight, stats.lanes[1].ready), (0, 0, 1));
+}
+
+/// `ack_many` settles every held lease with one write and reports the first one not held.
+#[test]
+fn ack_many_settles_a_batch() {
+    let dir = tempdir();
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let store = open(dir.path(), &clock);
+    store.create_priority_topic("jobs", 1, topic_config(1)).expect("create");
+    produce(&store, 0, &["a", "b", "c", "d"]);
+    let cursor = store.priority_cursor("jobs", "c", cursor_config()).expect("cursor");
+    let polled = cursor.poll(4).expect("poll");
+    cursor.ack_many(&polled[..2]).expect("ack a, b");
+    assert_eq!(cursor.committed_offset(0, 0).expect("committed"), 2);
+    let batch = [polled[2].clone(), polled[0].clone(), polled[3].clone()];
+    assert!(matches!(cursor.ack_many(&batch), Err(Error::LeaseNotHeld { offset: 0, .. })));
+    assert_eq!(cursor.committed_offset(0, 0).expect("committed"), 4, "the held ones were settled");
+    drop((cursor, store));
+    let store = open(dir.path(), &clock);
+    let cursor = store.priority_cursor("jobs", "c", cursor_config()).expect("reopen");
+    assert!(cursor.poll(4).expect("poll").is_empty(), "durable");
+}

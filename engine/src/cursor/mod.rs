@@ -9,4 +9,7 @@ pub mod offsets;
 pub mod priority;
 
 pub use offsets::ConsumerOffsets;
-pub use priority::{BackoffConfig, DeadLetter, Delivery, PriorityCursor, PriorityCursorConfig, PriorityTopic};
+pub use priority::{
+    BackoffConfig, DeadLetter, Delivery, LaneStats, PriorityCursor, PriorityCursorConfig, PriorityCursorStats,
+    PriorityTopic,
+};

@@ -16,7 +16,7 @@ use crate::config::Clock;
 use crate::error::{Error, Result};
 use crate::format::{Compression, StoredRecord};
 use crate::io::{OpenMode, Storage};
-use crate::limits::PRIORITY_CURSOR_WINDOW_MAX;
+use crate::limits::{PRIORITY_CURSOR_WINDOW_MAX, PRIORITY_LEASE_EXTENSION_MS_MAX};
 use crate::log::partition::Partition;
 
 /// Bytes of a lane partition read ahead into memory at once.
@@ -55,6 +55,31 @@ pub struct Delivery {
     pub ready_since_ms: i64,
     /// Identifies this lease; `ack`/`nack` of an older lease of the same message fail.
     pub lease_id: u64,
+}
+
+/// Queue metrics of one lane of a priority cursor (summed over its partitions).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaneStats {
+    /// Messages neither settled nor leased that are visible now (fresh ones in the log, and
+    /// failed ones whose backoff has passed), including any beyond the tracking window.
+    pub ready: u64,
+    /// Messages neither settled nor leased still waiting for their retry backoff.
+    pub waiting: u64,
+    /// Leases held now.
+    pub in_flight: u64,
+    /// How long the oldest ready message has been ready (ms), 0 when none is. For a fresh
+    /// message this is measured from its record timestamp; messages not yet read ahead
+    /// do not count (the oldest read-ahead one is older than them).
+    pub oldest_ready_age_ms: u64,
+}
+
+/// Queue metrics of a priority cursor ([`PriorityCursor::stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PriorityCursorStats {
+    /// Per lane, `p0` first.
+    pub lanes: Vec<LaneStats>,
+    /// Records in the dead-letter topic: the sum of its partitions' end offsets.
+    pub dlq_size: u64,
 }
 
 /// One lane partition's volatile reading state.
@@ -237,6 +262,29 @@ impl PriorityCursor {
         self.commit_changes(&mut inner)
     }
 
+    /// Settles several deliveries with one durable state write; returns once that is
+    /// durable. Every delivery whose lease is held is settled; if any is not held (expired,
+    /// settled, a stale lease, or listed twice) the others are still settled and the first
+    /// such delivery's [`Error::LeaseNotHeld`] is returned.
+    pub fn ack_many(&self, deliveries: &[Delivery]) -> Result<()> {
+        let mut inner = self.inner.lock();
+        self.check_poisoned(&inner)?;
+        let mut first_error = Ok(());
+        for delivery in deliveries {
+            match self.take_lease(&mut inner, delivery) {
+                Ok((index, _lease)) => inner.state.queues[index].settle(delivery.offset),
+                Err(e) => {
+                    if first_error.is_ok() {
+                        first_error = Err(e);
+                    }
+                }
+            }
+        }
+        inner.changed_generation += 1;
+        self.commit_changes(&mut inner)?;
+        first_error
+    }
+
     /// Gives a delivery back: it is delivered again after `delay_ms` (or the configured
     /// backoff), or dead-lettered with `reason` if this was its last allowed delivery.
     /// Returns once that is durable.
@@ -248,6 +296,79 @@ impl PriorityCursor {
         let failed = self.fail(&mut inner, index, lease.record, now_ms, delay_ms, reason);
         let committed = self.commit_changes(&mut inner);
         failed.and(committed)
+    }
+
+    /// Extends a held lease: its deadline becomes now + `extra_ms` (`extra_ms` at most
+    /// [`PRIORITY_LEASE_EXTENSION_MS_MAX`]). Returns the delivery with the new deadline (same
+    /// lease id). Fails with [`Error::LeaseNotHeld`] when `delivery` is not the current lease
+    /// of its message or its deadline has passed (even if no poll reclaimed it yet), and with
+    /// [`Error::InvalidConfig`] when `extra_ms` is 0 or above the limit. Leases are not
+    /// durable, so nothing is written.
+    pub fn extend_lease(&self, delivery: &Delivery, extra_ms: u64) -> Result<Delivery> {
+        if !(1..=PRIORITY_LEASE_EXTENSION_MS_MAX).contains(&extra_ms) {
+            return Err(Error::InvalidConfig {
+                reason: format!("a lease extension must be in 1..={PRIORITY_LEASE_EXTENSION_MS_MAX} ms"),
+            });
+        }
+        let now_ms = self.env.clock.now_ms();
+        let mut inner = self.inner.lock();
+        self.check_poisoned(&inner)?;
+        let index = self.queue_index(delivery.lane, delivery.partition)?;
+        let key = (index, delivery.offset);
+        let held = inner.leases.get(&key).filter(|l| l.lease_id == delivery.lease_id && l.deadline_ms > now_ms);
+        let Some(old_deadline_ms) = held.map(|l| l.deadline_ms) else {
+            return Err(self.lease_not_held(delivery));
+        };
+        let deadline_ms = now_ms.saturating_add(i64::try_from(extra_ms).expect("extra_ms ≤ 1 hour"));
+        inner.deadlines.remove(&(old_deadline_ms, index, delivery.offset));
+        inner.deadlines.insert((deadline_ms, index, delivery.offset));
+        inner.leases.get_mut(&key).expect("checked just above").deadline_ms = deadline_ms;
+        Ok(Delivery { lease_deadline_ms: deadline_ms, ..delivery.clone() })
+    }
+
+    /// Queue metrics: per lane the ready, waiting and leased messages and the age of the
+    /// oldest ready one, and the dead-letter topic's size. Reads nothing from the log.
+    pub fn stats(&self) -> PriorityCursorStats {
+        let now_ms = self.env.clock.now_ms();
+        let inner = self.inner.lock();
+        let mut lanes = vec![LaneStats::default(); usize::from(self.topic.lane_count())];
+        let mut oldest: Vec<Option<i64>> = vec![None; lanes.len()];
+        for (index, queue) in inner.queues.iter().enumerate() {
+            let queue_state = &inner.state.queues[index];
+            let lane = usize::from(queue.lane);
+            let stats = &mut lanes[lane];
+            let end = queue.partition.end_offset().max(queue_state.committed);
+            let unsettled = end - queue_state.committed - queue_state.settled.range(..end).count() as u64;
+            let leased = inner.leases.range((index, 0)..=(index, u64::MAX)).count() as u64;
+            let waiting = queue.waiting.iter().filter(|(visible_at_ms, _)| *visible_at_ms > now_ms).count() as u64;
+            stats.in_flight += leased;
+            stats.waiting += waiting;
+            stats.ready += unsettled.saturating_sub(leased + waiting);
+            let retry = queue.waiting.first().map(|(visible_at_ms, _)| *visible_at_ms).filter(|v| *v <= now_ms);
+            let fresh = queue
+                .buffer
+                .iter()
+                .find(|r| !queue_state.is_settled(r.offset) && !queue_state.failed.contains_key(&r.offset))
+                .map(|r| r.timestamp_ms.min(now_ms));
+            for since in [retry, fresh].into_iter().flatten() {
+                oldest[lane] = Some(oldest[lane].map_or(since, |o| o.min(since)));
+            }
+        }
+        for (stats, since) in lanes.iter_mut().zip(oldest) {
+            stats.oldest_ready_age_ms = since.map_or(0, |s| u64::try_from(now_ms - s).unwrap_or(0));
+        }
+        let dlq = self.topic.dlq();
+        let dlq_size = (0..self.topic.partitions()).filter_map(|p| dlq.partition(p).ok()).map(|p| p.end_offset()).sum();
+        PriorityCursorStats { lanes, dlq_size }
+    }
+
+    fn lease_not_held(&self, delivery: &Delivery) -> Error {
+        Error::LeaseNotHeld {
+            topic: self.topic.name().to_string(),
+            lane: delivery.lane,
+            partition: delivery.partition,
+            offset: delivery.offset,
+        }
     }
 
     fn queue_index(&self, lane: u8, partition: u32) -> Result<usize> {
@@ -273,12 +394,7 @@ impl PriorityCursor {
         let index = self.queue_index(delivery.lane, delivery.partition)?;
         let key = (index, delivery.offset);
         if inner.leases.get(&key).is_none_or(|lease| lease.lease_id != delivery.lease_id) {
-            return Err(Error::LeaseNotHeld {
-                topic: self.topic.name().to_string(),
-                lane: delivery.lane,
-                partition: delivery.partition,
-                offset: delivery.offset,
-            });
+            return Err(self.lease_not_held(delivery));
         }
         let lease = inner.leases.remove(&key).expect("checked just above");
         inner.deadlines.remove(&(lease.deadline_ms, index, delivery.offset));
