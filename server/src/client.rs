@@ -22,7 +22,10 @@ use tokio::net::{lookup_host, ToSocketAddrs};
 
 use crate::error::{Error, Result};
 use crate::limits::{FRAME_SIZE_BYTES_MAX, METADATA_TOPICS_MAX, STRING_LEN_MAX};
-use crate::messages::{Acks, OffsetQuery, Request, Response, TopicDescription, TopicSettings};
+use crate::messages::{
+    Acks, LeaseRef, OffsetQuery, PriorityCursorSettings, PriorityDelivery, Request, Response, TopicDescription,
+    TopicSettings,
+};
 
 use connection::Connection;
 pub(crate) use connection::ResponseFuture;
@@ -211,6 +214,94 @@ impl Client {
         offset(self.call(Request::FetchOffset { group: group.to_string(), topic: topic.to_string(), partition }).await?)
     }
 
+    /// Creates priority topic `name` with `lanes` lanes (topics `name.p0`… and `name.dlq`).
+    pub async fn create_priority_topic(&self, name: &str, lanes: u8, settings: TopicSettings) -> Result<()> {
+        expect_empty(self.call(Request::CreatePriorityTopic { name: name.to_string(), lanes, settings }).await?)
+    }
+
+    /// Appends one encoded batch to lane `lane` (topic `topic.p<lane>`) partition `partition`;
+    /// `None` with [`Acks::None`].
+    pub async fn produce_lane(
+        &self,
+        topic: &str,
+        lane: u8,
+        partition: u32,
+        acks: Acks,
+        batch: Bytes,
+    ) -> Result<Option<ProduceAck>> {
+        let request = Request::ProduceLane { topic: topic.to_string(), lane, partition, acks, batch };
+        match self.start(request).await?.await? {
+            None => Ok(None),
+            Some(response) => produce_ack(response).map(Some),
+        }
+    }
+
+    /// Leases up to `max` messages from priority cursor `cursor` of `topic`, opening it with
+    /// `settings` on the server (later polls must pass the same settings).
+    pub async fn priority_poll(
+        &self,
+        topic: &str,
+        cursor: &str,
+        max: u32,
+        settings: PriorityCursorSettings,
+    ) -> Result<Vec<PriorityDelivery>> {
+        let request = Request::PriorityPoll { topic: topic.to_string(), cursor: cursor.to_string(), max, settings };
+        deliveries(self.call(request).await?)
+    }
+
+    /// Settles a leased message.
+    pub async fn priority_ack(&self, topic: &str, cursor: &str, lease: LeaseRef) -> Result<()> {
+        expect_empty(
+            self.call(Request::PriorityAck { topic: topic.to_string(), cursor: cursor.to_string(), lease }).await?,
+        )
+    }
+
+    /// Gives a leased message back: redelivered after `delay_ms` (or the backoff), or
+    /// dead-lettered with `reason` after its last allowed delivery.
+    pub async fn priority_nack(
+        &self,
+        topic: &str,
+        cursor: &str,
+        lease: LeaseRef,
+        delay_ms: Option<u64>,
+        reason: &str,
+    ) -> Result<()> {
+        let request = Request::PriorityNack {
+            topic: topic.to_string(),
+            cursor: cursor.to_string(),
+            lease,
+            delay_ms,
+            reason: reason.to_string(),
+        };
+        expect_empty(self.call(request).await?)
+    }
+
+    /// Extends a lease to now + `extra_ms`; returns the delivery with its new deadline.
+    pub async fn priority_extend_lease(
+        &self,
+        topic: &str,
+        cursor: &str,
+        lease: LeaseRef,
+        extra_ms: u64,
+    ) -> Result<PriorityDelivery> {
+        let request =
+            Request::PriorityExtendLease { topic: topic.to_string(), cursor: cursor.to_string(), lease, extra_ms };
+        let mut out = deliveries(self.call(request).await?)?;
+        match (out.pop(), out.is_empty()) {
+            (Some(delivery), true) => Ok(delivery),
+            _ => Err(Error::malformed("a lease extension is answered with exactly one delivery")),
+        }
+    }
+
+    /// Appends dead letters `from..to` of dead-letter partition `partition` of `topic.dlq`
+    /// back to their lanes; returns how many were replayed.
+    pub async fn replay_dlq(&self, topic: &str, partition: u32, from: u64, to: u64) -> Result<u64> {
+        match self.call(Request::ReplayDlq { topic: topic.to_string(), partition, from, to }).await? {
+            Response::Count(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The server's counters, by name.
     pub async fn stats(&self) -> Result<Vec<(String, u64)>> {
         match self.call(Request::Stats).await? {
@@ -227,6 +318,13 @@ fn unexpected(response: &Response) -> Error {
 fn expect_empty(response: Response) -> Result<()> {
     match response {
         Response::Empty => Ok(()),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn deliveries(response: Response) -> Result<Vec<PriorityDelivery>> {
+    match response {
+        Response::PriorityDeliveries(deliveries) => Ok(deliveries),
         other => Err(unexpected(&other)),
     }
 }
@@ -289,6 +387,25 @@ fn check_request(request: &Request) -> Result<()> {
             check_string("group", group)?;
             check_string("topic", topic)
         }
+        Request::CreatePriorityTopic { name, .. } => check_string("topic", name),
+        Request::ProduceLane { topic, batch, .. } => check_request(&Request::Produce {
+            topic: topic.clone(),
+            partition: 0,
+            acks: Acks::Leader,
+            batch: batch.clone(),
+        }),
+        Request::PriorityPoll { topic, cursor, .. }
+        | Request::PriorityAck { topic, cursor, .. }
+        | Request::PriorityExtendLease { topic, cursor, .. } => {
+            check_string("topic", topic)?;
+            check_string("cursor", cursor)
+        }
+        Request::PriorityNack { topic, cursor, reason, .. } => {
+            check_string("topic", topic)?;
+            check_string("cursor", cursor)?;
+            check_string("reason", reason)
+        }
+        Request::ReplayDlq { topic, .. } => check_string("topic", topic),
     }
 }
 

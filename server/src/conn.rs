@@ -115,6 +115,16 @@ fn start_request(frame: Bytes, shared: &Arc<Shared>, inflight: &Arc<AtomicU64>) 
             return Some(Some(Slot::Ready(Response::encode_error(cid, e.code(), &e.to_string(), None))));
         }
     };
+    // A lane produce is a produce to the lane topic: same admission, ordering and acks.
+    let request = match request {
+        Request::ProduceLane { topic, lane, partition, acks, batch } => Request::Produce {
+            topic: rill_engine::cursor::priority::lane_topic_name(&topic, lane),
+            partition,
+            acks,
+            batch,
+        },
+        request => request,
+    };
     let guard = if let Request::Produce { .. } = request {
         match admit(shared, inflight, frame_len) {
             Some(guard) => Some(guard),

@@ -48,6 +48,10 @@ pub enum ErrorCode {
     ShuttingDown = 18,
     /// A bug in the server.
     Internal = 19,
+    /// A priority-cursor ack, nack or lease extension names a lease that is not held.
+    LeaseNotHeld = 20,
+    /// A dead-letter record lacks valid dead-letter metadata and cannot be replayed.
+    InvalidDeadLetter = 21,
 }
 
 impl ErrorCode {
@@ -75,6 +79,8 @@ impl ErrorCode {
             17 => InvalidTopicName,
             18 => ShuttingDown,
             19 => Internal,
+            20 => LeaseNotHeld,
+            21 => InvalidDeadLetter,
             _ => return Option::None,
         })
     }
@@ -187,6 +193,8 @@ pub fn engine_code(e: &rill_engine::Error) -> ErrorCode {
         E::ProducerFenced { .. } => ErrorCode::ProducerFenced,
         E::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
         E::Closed => ErrorCode::ShuttingDown,
+        E::LeaseNotHeld { .. } => ErrorCode::LeaseNotHeld,
+        E::InvalidDeadLetter { .. } => ErrorCode::InvalidDeadLetter,
         E::Io { .. } | E::Corrupt { .. } | E::Poisoned { .. } | E::Locked { .. } => ErrorCode::StorageError,
         _ => ErrorCode::Internal,
     }

@@ -143,6 +143,18 @@ impl WireReader {
         self.need(len, what)?;
         Ok(self.buf.split_to(len))
     }
+    /// A length-prefixed byte string that may sit anywhere in a message: `u32` length, bytes.
+    pub fn blob(&mut self, what: &'static str) -> Result<Bytes> {
+        self.bytes(what)
+    }
+    /// An optional blob: presence byte, then the blob if present.
+    pub fn opt_blob(&mut self, what: &'static str) -> Result<Option<Bytes>> {
+        if self.bool(what)? {
+            Ok(Some(self.blob(what)?))
+        } else {
+            Ok(None)
+        }
+    }
     /// Fails unless every byte was consumed.
     pub fn finish(self, what: &'static str) -> Result<()> {
         if self.buf.has_remaining() {
@@ -237,6 +249,21 @@ impl WireWriter {
         match v {
             None => self.bool(false),
             Some(v) => self.bool(true).string(v),
+        }
+    }
+    /// A length-prefixed byte string (`u32` length, bytes) that may sit anywhere in a
+    /// message: always copied into the frame's buffer, unlike [`WireWriter::bytes`].
+    pub fn blob(&mut self, v: &[u8]) -> &mut Self {
+        let len = u32::try_from(v.len()).expect("payloads are bounded by FRAME_SIZE_BYTES_MAX");
+        self.tail().put_u32_le(len);
+        self.tail().put_slice(v);
+        self
+    }
+    /// An optional blob: presence byte, then the blob if present.
+    pub fn opt_blob(&mut self, v: Option<&[u8]>) -> &mut Self {
+        match v {
+            None => self.bool(false),
+            Some(v) => self.bool(true).blob(v),
         }
     }
     /// A byte string; must be the last field of the message. Large payloads are kept as a

@@ -34,8 +34,22 @@ pub mod api {
     pub const FETCH_OFFSET: u16 = 10;
     /// Server counters.
     pub const STATS: u16 = 11;
+    /// Create a priority topic (lanes `<name>.p0`… and `<name>.dlq`).
+    pub const CREATE_PRIORITY_TOPIC: u16 = 12;
+    /// Append a record batch to one lane of a priority topic.
+    pub const PRODUCE_LANE: u16 = 13;
+    /// Lease messages from a priority cursor.
+    pub const PRIORITY_POLL: u16 = 14;
+    /// Settle a leased message.
+    pub const PRIORITY_ACK: u16 = 15;
+    /// Give a leased message back (retry later or dead-letter).
+    pub const PRIORITY_NACK: u16 = 16;
+    /// Extend a lease.
+    pub const PRIORITY_EXTEND_LEASE: u16 = 17;
+    /// Append dead letters back to their lanes.
+    pub const REPLAY_DLQ: u16 = 18;
     /// Number of api keys defined.
-    pub const COUNT: u16 = 12;
+    pub const COUNT: u16 = 19;
 }
 
 /// The only version of every api in protocol v1.
@@ -104,6 +118,54 @@ pub struct TopicDescription {
     pub retention_ms: Option<u64>,
     /// Partitions, by number.
     pub partitions: Vec<PartitionInfo>,
+}
+
+/// Priority cursor settings in a poll; `None` means the engine's default. The server keeps a
+/// cursor open between requests: later polls must name the same settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PriorityCursorSettings {
+    /// How long a delivery stays leased (ms).
+    pub lease_ms: Option<u64>,
+    /// Deliveries before a message is dead-lettered.
+    pub max_deliveries: Option<u32>,
+    /// Aging period (ms): a waiting message rises one lane per period.
+    pub aging_ms: Option<u64>,
+    /// Backoff after the first failure (ms).
+    pub backoff_base_ms: Option<u64>,
+    /// Largest backoff (ms).
+    pub backoff_max_ms: Option<u64>,
+}
+
+/// Identifies one lease of a priority cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseRef {
+    /// Lane.
+    pub lane: u8,
+    /// Partition of the lane topic.
+    pub partition: u32,
+    /// Offset in the lane partition.
+    pub offset: u64,
+    /// The lease id of the delivery.
+    pub lease_id: u64,
+}
+
+/// One leased message in a priority poll response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriorityDelivery {
+    /// The lease.
+    pub lease: LeaseRef,
+    /// Deliveries including this one.
+    pub delivery_count: u32,
+    /// The lease is reclaimed at or after this time (ms).
+    pub lease_deadline_ms: i64,
+    /// Record timestamp (ms).
+    pub timestamp_ms: i64,
+    /// Key.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Option<Bytes>,
+    /// Headers, in order.
+    pub headers: Vec<(String, Option<Bytes>)>,
 }
 
 /// A request body.
@@ -190,6 +252,83 @@ pub enum Request {
     },
     /// Server counters.
     Stats,
+    /// Create a priority topic.
+    CreatePriorityTopic {
+        /// Name (without suffix).
+        name: String,
+        /// Lanes (1..=4).
+        lanes: u8,
+        /// Settings of every lane topic and the dead-letter topic.
+        settings: TopicSettings,
+    },
+    /// Append one record batch to a lane (`<topic>.p<lane>`).
+    ProduceLane {
+        /// Priority topic.
+        topic: String,
+        /// Lane.
+        lane: u8,
+        /// Partition.
+        partition: u32,
+        /// Acknowledgement level.
+        acks: Acks,
+        /// The encoded batch.
+        batch: Bytes,
+    },
+    /// Lease up to `max` messages.
+    PriorityPoll {
+        /// Priority topic.
+        topic: String,
+        /// Cursor name.
+        cursor: String,
+        /// Most messages to lease.
+        max: u32,
+        /// Cursor settings.
+        settings: PriorityCursorSettings,
+    },
+    /// Settle a lease.
+    PriorityAck {
+        /// Priority topic.
+        topic: String,
+        /// Cursor name.
+        cursor: String,
+        /// The lease.
+        lease: LeaseRef,
+    },
+    /// Give a lease back.
+    PriorityNack {
+        /// Priority topic.
+        topic: String,
+        /// Cursor name.
+        cursor: String,
+        /// The lease.
+        lease: LeaseRef,
+        /// Redeliver after this long instead of the backoff.
+        delay_ms: Option<u64>,
+        /// Why (recorded when dead-lettered).
+        reason: String,
+    },
+    /// Extend a lease.
+    PriorityExtendLease {
+        /// Priority topic.
+        topic: String,
+        /// Cursor name.
+        cursor: String,
+        /// The lease.
+        lease: LeaseRef,
+        /// New deadline: now + this (ms).
+        extra_ms: u64,
+    },
+    /// Replay dead letters `from..to` of a dead-letter partition to their lanes.
+    ReplayDlq {
+        /// Priority topic.
+        topic: String,
+        /// Dead-letter partition.
+        partition: u32,
+        /// First offset.
+        from: u64,
+        /// End offset (exclusive).
+        to: u64,
+    },
 }
 
 /// A successful response body.
@@ -232,6 +371,10 @@ pub enum Response {
     Offset(Option<u64>),
     /// Counters.
     Stats(Vec<(String, u64)>),
+    /// Leased messages (poll), or the extended lease (one delivery).
+    PriorityDeliveries(Vec<PriorityDelivery>),
+    /// A count (dead letters replayed).
+    Count(u64),
 }
 
 impl Request {
@@ -250,6 +393,13 @@ impl Request {
             Request::CommitOffset { .. } => api::COMMIT_OFFSET,
             Request::FetchOffset { .. } => api::FETCH_OFFSET,
             Request::Stats => api::STATS,
+            Request::CreatePriorityTopic { .. } => api::CREATE_PRIORITY_TOPIC,
+            Request::ProduceLane { .. } => api::PRODUCE_LANE,
+            Request::PriorityPoll { .. } => api::PRIORITY_POLL,
+            Request::PriorityAck { .. } => api::PRIORITY_ACK,
+            Request::PriorityNack { .. } => api::PRIORITY_NACK,
+            Request::PriorityExtendLease { .. } => api::PRIORITY_EXTEND_LEASE,
+            Request::ReplayDlq { .. } => api::REPLAY_DLQ,
         }
     }
 
@@ -272,9 +422,37 @@ impl Request {
                 }
             }
             Request::CreateTopic { name, settings } => {
-                w.string(name).u32(settings.partitions);
-                put_fsync(&mut w, settings.fsync);
-                w.opt_u64(settings.segment_size_bytes).opt_u64(settings.retention_bytes).opt_u64(settings.retention_ms);
+                w.string(name);
+                put_settings(&mut w, settings);
+            }
+            Request::CreatePriorityTopic { name, lanes, settings } => {
+                w.string(name).u8(*lanes);
+                put_settings(&mut w, settings);
+            }
+            Request::ProduceLane { topic, lane, partition, acks, batch } => {
+                w.string(topic).u8(*lane).u32(*partition).u8(*acks as u8).bytes(batch.clone());
+            }
+            Request::PriorityPoll { topic, cursor, max, settings } => {
+                w.string(topic).string(cursor).u32(*max);
+                w.opt_u64(settings.lease_ms).opt_u64(settings.max_deliveries.map(u64::from));
+                w.opt_u64(settings.aging_ms).opt_u64(settings.backoff_base_ms).opt_u64(settings.backoff_max_ms);
+            }
+            Request::PriorityAck { topic, cursor, lease } => {
+                w.string(topic).string(cursor);
+                put_lease(&mut w, lease);
+            }
+            Request::PriorityNack { topic, cursor, lease, delay_ms, reason } => {
+                w.string(topic).string(cursor);
+                put_lease(&mut w, lease);
+                w.opt_u64(*delay_ms).string(reason);
+            }
+            Request::PriorityExtendLease { topic, cursor, lease, extra_ms } => {
+                w.string(topic).string(cursor);
+                put_lease(&mut w, lease);
+                w.u64(*extra_ms);
+            }
+            Request::ReplayDlq { topic, partition, from, to } => {
+                w.string(topic).u32(*partition).u64(*from).u64(*to);
             }
             Request::DeleteTopic { name } => {
                 w.string(name);
@@ -322,27 +500,70 @@ impl Request {
             }
             api::CREATE_TOPIC => {
                 let name = r.string("topic")?;
-                let partitions = r.u32("partitions")?;
-                let fsync = get_fsync(&mut r)?;
-                let settings = TopicSettings {
-                    partitions,
-                    fsync,
-                    segment_size_bytes: r.opt_u64("segment size")?,
-                    retention_bytes: r.opt_u64("retention bytes")?,
-                    retention_ms: r.opt_u64("retention ms")?,
-                };
-                Request::CreateTopic { name, settings }
+                Request::CreateTopic { name, settings: get_settings(&mut r)? }
             }
+            api::CREATE_PRIORITY_TOPIC => {
+                let name = r.string("topic")?;
+                let lanes = r.u8("lanes")?;
+                Request::CreatePriorityTopic { name, lanes, settings: get_settings(&mut r)? }
+            }
+            api::PRODUCE_LANE => {
+                let topic = r.string("topic")?;
+                let lane = r.u8("lane")?;
+                let partition = r.u32("partition")?;
+                let acks = get_acks(&mut r)?;
+                Request::ProduceLane { topic, lane, partition, acks, batch: r.bytes("batch")? }
+            }
+            api::PRIORITY_POLL => {
+                let topic = r.string("topic")?;
+                let cursor = r.string("cursor")?;
+                let max = r.u32("max")?;
+                let lease_ms = r.opt_u64("lease ms")?;
+                let max_deliveries = match r.opt_u64("max deliveries")? {
+                    None => None,
+                    Some(n) => {
+                        Some(u32::try_from(n).map_err(|_| Error::malformed(format!("max deliveries {n} over u32")))?)
+                    }
+                };
+                let settings = PriorityCursorSettings {
+                    lease_ms,
+                    max_deliveries,
+                    aging_ms: r.opt_u64("aging ms")?,
+                    backoff_base_ms: r.opt_u64("backoff base ms")?,
+                    backoff_max_ms: r.opt_u64("backoff max ms")?,
+                };
+                Request::PriorityPoll { topic, cursor, max, settings }
+            }
+            api::PRIORITY_ACK => Request::PriorityAck {
+                topic: r.string("topic")?,
+                cursor: r.string("cursor")?,
+                lease: get_lease(&mut r)?,
+            },
+            api::PRIORITY_NACK => Request::PriorityNack {
+                topic: r.string("topic")?,
+                cursor: r.string("cursor")?,
+                lease: get_lease(&mut r)?,
+                delay_ms: r.opt_u64("delay ms")?,
+                reason: r.string("reason")?,
+            },
+            api::PRIORITY_EXTEND_LEASE => Request::PriorityExtendLease {
+                topic: r.string("topic")?,
+                cursor: r.string("cursor")?,
+                lease: get_lease(&mut r)?,
+                extra_ms: r.u64("extra ms")?,
+            },
+            api::REPLAY_DLQ => Request::ReplayDlq {
+                topic: r.string("topic")?,
+                partition: r.u32("partition")?,
+                from: r.u64("from")?,
+                to: r.u64("to")?,
+            },
             api::DELETE_TOPIC => Request::DeleteTopic { name: r.string("topic")? },
             api::INIT_PRODUCER_ID => Request::InitProducerId { transactional_id: r.opt_string("transactional id")? },
             api::PRODUCE => {
                 let topic = r.string("topic")?;
                 let partition = r.u32("partition")?;
-                let acks = match r.u8("acks")? {
-                    0 => Acks::None,
-                    1 => Acks::Leader,
-                    other => return Err(Error::malformed(format!("acks {other} is not 0 (none) or 1 (leader)"))),
-                };
+                let acks = get_acks(&mut r)?;
                 Request::Produce { topic, partition, acks, batch: r.bytes("batch")? }
             }
             api::FETCH => Request::Fetch {
@@ -385,6 +606,45 @@ impl Request {
         r.finish("request body")?;
         Ok(request)
     }
+}
+
+fn get_acks(r: &mut WireReader) -> Result<Acks> {
+    match r.u8("acks")? {
+        0 => Ok(Acks::None),
+        1 => Ok(Acks::Leader),
+        other => Err(Error::malformed(format!("acks {other} is not 0 (none) or 1 (leader)"))),
+    }
+}
+
+fn put_settings(w: &mut WireWriter, settings: &TopicSettings) {
+    w.u32(settings.partitions);
+    put_fsync(w, settings.fsync);
+    w.opt_u64(settings.segment_size_bytes).opt_u64(settings.retention_bytes).opt_u64(settings.retention_ms);
+}
+
+fn get_settings(r: &mut WireReader) -> Result<TopicSettings> {
+    let partitions = r.u32("partitions")?;
+    let fsync = get_fsync(r)?;
+    Ok(TopicSettings {
+        partitions,
+        fsync,
+        segment_size_bytes: r.opt_u64("segment size")?,
+        retention_bytes: r.opt_u64("retention bytes")?,
+        retention_ms: r.opt_u64("retention ms")?,
+    })
+}
+
+fn put_lease(w: &mut WireWriter, lease: &LeaseRef) {
+    w.u8(lease.lane).u32(lease.partition).u64(lease.offset).u64(lease.lease_id);
+}
+
+fn get_lease(r: &mut WireReader) -> Result<LeaseRef> {
+    Ok(LeaseRef {
+        lane: r.u8("lane")?,
+        partition: r.u32("partition")?,
+        offset: r.u64("offset")?,
+        lease_id: r.u64("lease id")?,
+    })
 }
 
 fn put_fsync(w: &mut WireWriter, fsync: Option<FsyncPolicy>) {
@@ -457,6 +717,21 @@ impl Response {
                     w.string(name).u64(*value);
                 }
             }
+            Response::PriorityDeliveries(deliveries) => {
+                w.u32(u32::try_from(deliveries.len()).expect("deliveries are bounded by the poll's max u32"));
+                for d in deliveries {
+                    put_lease(&mut w, &d.lease);
+                    w.u32(d.delivery_count).i64(d.lease_deadline_ms).i64(d.timestamp_ms);
+                    w.opt_blob(d.key.as_deref()).opt_blob(d.value.as_deref());
+                    w.u32(u32::try_from(d.headers.len()).expect("record headers are bounded by the batch format"));
+                    for (key, value) in &d.headers {
+                        w.string(key).opt_blob(value.as_deref());
+                    }
+                }
+            }
+            Response::Count(n) => {
+                w.u64(*n);
+            }
         }
         w.finish()
     }
@@ -498,7 +773,40 @@ impl Response {
 
 fn decode_body(api_key: u16, r: &mut WireReader) -> Result<Response> {
     Ok(match api_key {
-        api::CREATE_TOPIC | api::DELETE_TOPIC | api::COMMIT_OFFSET => Response::Empty,
+        api::CREATE_TOPIC
+        | api::DELETE_TOPIC
+        | api::COMMIT_OFFSET
+        | api::CREATE_PRIORITY_TOPIC
+        | api::PRIORITY_ACK
+        | api::PRIORITY_NACK => Response::Empty,
+        api::PRIORITY_POLL | api::PRIORITY_EXTEND_LEASE => {
+            let count = r.u32("delivery count")?;
+            let mut deliveries = Vec::with_capacity(count.min(1024) as usize);
+            for _ in 0..count {
+                let lease = get_lease(r)?;
+                let delivery_count = r.u32("delivery count")?;
+                let lease_deadline_ms = r.i64("lease deadline")?;
+                let timestamp_ms = r.i64("timestamp")?;
+                let key = r.opt_blob("key")?;
+                let value = r.opt_blob("value")?;
+                let n = r.u32("header count")?;
+                let mut headers = Vec::with_capacity(n.min(64) as usize);
+                for _ in 0..n {
+                    headers.push((r.string("header key")?, r.opt_blob("header value")?));
+                }
+                deliveries.push(PriorityDelivery {
+                    lease,
+                    delivery_count,
+                    lease_deadline_ms,
+                    timestamp_ms,
+                    key,
+                    value,
+                    headers,
+                });
+            }
+            Response::PriorityDeliveries(deliveries)
+        }
+        api::REPLAY_DLQ => Response::Count(r.u64("count")?),
         api::API_VERSIONS => {
             let count = r.u16("api count")?;
             let apis = (0..count)
@@ -543,7 +851,7 @@ fn decode_body(api_key: u16, r: &mut WireReader) -> Result<Response> {
         api::INIT_PRODUCER_ID => {
             Response::InitProducerId { producer_id: r.i64("producer id")?, producer_epoch: r.i16("epoch")? }
         }
-        api::PRODUCE => Response::Produce {
+        api::PRODUCE | api::PRODUCE_LANE => Response::Produce {
             base_offset: r.u64("base offset")?,
             last_offset: r.u64("last offset")?,
             duplicate: r.bool("duplicate")?,
@@ -586,6 +894,8 @@ mod tests {
         buf
     }
 
+    const LEASE: LeaseRef = LeaseRef { lane: 2, partition: 1, offset: 40, lease_id: 77 };
+
     /// Every request kind survives encode → frame split → header → decode.
     #[test]
     fn requests_round_trip() {
@@ -615,6 +925,48 @@ mod tests {
             Request::CommitOffset { group: "g".into(), topic: "t".into(), partition: 1, offset: 5 },
             Request::FetchOffset { group: "g".into(), topic: "t".into(), partition: 1 },
             Request::Stats,
+            Request::CreatePriorityTopic {
+                name: "q".into(),
+                lanes: 4,
+                settings: TopicSettings { partitions: 2, fsync: Some(FsyncPolicy::Always), ..TopicSettings::default() },
+            },
+            Request::ProduceLane {
+                topic: "q".into(),
+                lane: 3,
+                partition: 1,
+                acks: Acks::None,
+                batch: Bytes::from(vec![2u8; 5_000]),
+            },
+            Request::PriorityPoll { topic: "q".into(), cursor: "c".into(), max: 10, settings: Default::default() },
+            Request::PriorityPoll {
+                topic: "q".into(),
+                cursor: "c".into(),
+                max: 1,
+                settings: PriorityCursorSettings {
+                    lease_ms: Some(1),
+                    max_deliveries: Some(3),
+                    aging_ms: Some(5),
+                    backoff_base_ms: Some(6),
+                    backoff_max_ms: Some(7),
+                },
+            },
+            Request::PriorityAck { topic: "q".into(), cursor: "c".into(), lease: LEASE },
+            Request::PriorityNack {
+                topic: "q".into(),
+                cursor: "c".into(),
+                lease: LEASE,
+                delay_ms: Some(0),
+                reason: "bad".into(),
+            },
+            Request::PriorityNack {
+                topic: "q".into(),
+                cursor: "c".into(),
+                lease: LEASE,
+                delay_ms: None,
+                reason: "".into(),
+            },
+            Request::PriorityExtendLease { topic: "q".into(), cursor: "c".into(), lease: LEASE, extra_ms: 500 },
+            Request::ReplayDlq { topic: "q".into(), partition: 1, from: 2, to: 9 },
         ];
         for (i, request) in requests.into_iter().enumerate() {
             let mut buf = join(request.encode(i as u32, "cli"));
@@ -636,6 +988,35 @@ mod tests {
             (api::LIST_OFFSETS, Response::Offset(None)),
             (api::STATS, Response::Stats(vec![("x".into(), 3)])),
             (api::LIST_TOPICS, Response::ListTopics(vec!["a".into()])),
+            (api::CREATE_PRIORITY_TOPIC, Response::Empty),
+            (api::PRODUCE_LANE, Response::Produce { base_offset: 3, last_offset: 3, duplicate: false }),
+            (api::PRIORITY_ACK, Response::Empty),
+            (api::PRIORITY_NACK, Response::Empty),
+            (api::REPLAY_DLQ, Response::Count(12)),
+            (api::PRIORITY_POLL, Response::PriorityDeliveries(vec![])),
+            (
+                api::PRIORITY_POLL,
+                Response::PriorityDeliveries(vec![
+                    PriorityDelivery {
+                        lease: LEASE,
+                        delivery_count: 2,
+                        lease_deadline_ms: -4,
+                        timestamp_ms: 99,
+                        key: Some(Bytes::from_static(b"k")),
+                        value: Some(Bytes::from(vec![7u8; 10_000])),
+                        headers: vec![("a".into(), None), ("b".into(), Some(Bytes::new()))],
+                    },
+                    PriorityDelivery {
+                        lease: LeaseRef { lane: 0, ..LEASE },
+                        delivery_count: 1,
+                        lease_deadline_ms: 5,
+                        timestamp_ms: 0,
+                        key: None,
+                        value: None,
+                        headers: vec![],
+                    },
+                ]),
+            ),
         ];
         for (key, response) in cases {
             let mut buf = join(response.encode(77));

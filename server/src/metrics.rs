@@ -60,6 +60,13 @@ const API_NAMES: [&str; api::COUNT as usize] = [
     "commit_offset",
     "fetch_offset",
     "stats",
+    "create_priority_topic",
+    "produce_lane",
+    "priority_poll",
+    "priority_ack",
+    "priority_nack",
+    "priority_extend_lease",
+    "replay_dlq",
 ];
 
 /// Per-topic traffic counters.

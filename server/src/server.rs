@@ -56,8 +56,14 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         Some(http_addr)
     };
     let (stop, stop_rx) = watch::channel(false);
-    let shared =
-        Arc::new(Shared { store, config, metrics, inflight_bytes: AtomicU64::new(0), shutdown: stop_rx.clone() });
+    let shared = Arc::new(Shared {
+        store,
+        config,
+        metrics,
+        inflight_bytes: AtomicU64::new(0),
+        shutdown: stop_rx.clone(),
+        priority_cursors: Default::default(),
+    });
     tracing::info!(%addr, ?metrics_addr, data_dir = %shared.config.data_dir.display(), "rill serving");
     let done = tokio::spawn(accept_loop(listener, shared, stop_rx));
     Ok(ServerHandle { addr, metrics_addr, stop, done })

@@ -9,6 +9,7 @@
 mod consume;
 mod inspect;
 pub mod parse;
+mod priority;
 mod produce;
 mod topic;
 
@@ -72,6 +73,9 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print the records of a topic.
     Consume(ConsumeArgs),
+    /// Lease messages of a priority topic with a named cursor, print them (lane, offset,
+    /// value) and ack them (or nack them with --nack).
+    ConsumePriority(ConsumePriorityArgs),
     /// Check a store directory offline (no server): segments, batches, checksums, indices.
     /// Never modifies files. Exit status 3: corrupt data; 4: only damage that opening the
     /// store repairs (a torn tail after a crash, indices); 0: no damage.
@@ -100,6 +104,8 @@ pub struct ServeArgs {
 pub enum TopicCommand {
     /// Create a topic.
     Create(TopicCreateArgs),
+    /// Create a priority topic: lane topics <name>.p0 (most urgent)… and <name>.dlq.
+    CreatePriority(TopicCreatePriorityArgs),
     /// List topic names.
     List,
     /// Show a topic's configuration and partitions.
@@ -136,6 +142,37 @@ pub struct TopicCreateArgs {
     pub segment_bytes: Option<u64>,
 }
 
+/// Arguments of `rill topic create-priority`.
+#[derive(Debug, Args)]
+pub struct TopicCreatePriorityArgs {
+    /// Name and settings of every lane topic and the dead-letter topic.
+    #[command(flatten)]
+    pub topic: TopicCreateArgs,
+    /// Number of lanes (1..=4).
+    #[arg(long, default_value_t = 4)]
+    pub lanes: u8,
+}
+
+/// Arguments of `rill consume-priority`.
+#[derive(Debug, Args)]
+pub struct ConsumePriorityArgs {
+    /// Priority topic to read.
+    pub topic: String,
+    /// Cursor name (its state is kept by the server).
+    #[arg(long)]
+    pub cursor: String,
+    /// Most messages to lease.
+    #[arg(long, default_value_t = 100)]
+    pub max: u32,
+    /// Ack every message printed (the default).
+    #[arg(long, conflicts_with = "nack")]
+    pub ack: bool,
+    /// Nack every message printed instead: it is delivered again after the backoff, or
+    /// dead-lettered after its last allowed delivery.
+    #[arg(long)]
+    pub nack: bool,
+}
+
 /// Arguments of `rill produce`.
 #[derive(Debug, Args)]
 pub struct ProduceArgs {
@@ -150,6 +187,9 @@ pub struct ProduceArgs {
     /// Read records from this file instead of stdin.
     #[arg(long, value_name = "PATH")]
     pub file: Option<PathBuf>,
+    /// Write to lane K of priority topic <topic> (topic <topic>.pK).
+    #[arg(long, value_name = "K")]
+    pub lane: Option<u8>,
 }
 
 /// Output format of `rill consume`.
@@ -244,6 +284,7 @@ async fn run_remote(addr: &str, command: Command) -> Result<()> {
         Command::Topic(command) => topic::run(&client, command).await,
         Command::Produce(args) => produce::run(client, args).await,
         Command::Consume(args) => consume::run(client, args).await,
+        Command::ConsumePriority(args) => priority::consume(&client, args).await,
         Command::Serve(_) | Command::Inspect(_) => Err(Error::Config { reason: "not a remote command".into() }),
     }
 }
@@ -294,5 +335,16 @@ mod tests {
         assert!(Cli::try_parse_from(["rill", "topic", "create", "t", "--fsync", "sometimes"]).is_err());
         let cli = Cli::try_parse_from(["rill", "serve", "--data-dir", "/d", "--listen", "0.0.0.0:1"]).expect("parses");
         assert!(matches!(cli.command, Command::Serve(ServeArgs { data_dir: Some(_), .. })));
+        let cli = Cli::try_parse_from(["rill", "topic", "create-priority", "q", "--lanes", "3"]).expect("parses");
+        let Command::Topic(TopicCommand::CreatePriority(args)) = cli.command else { panic!("create-priority") };
+        assert_eq!((args.topic.name.as_str(), args.lanes), ("q", 3));
+        let cli = Cli::try_parse_from(["rill", "produce", "q", "--lane", "2"]).expect("parses");
+        let Command::Produce(args) = cli.command else { panic!("produce expected") };
+        assert_eq!(args.lane, Some(2));
+        let cli = Cli::try_parse_from(["rill", "consume-priority", "q", "--cursor", "c", "--nack"]).expect("parses");
+        let Command::ConsumePriority(args) = cli.command else { panic!("consume-priority expected") };
+        assert!(args.nack && !args.ack && args.max == 100);
+        assert!(Cli::try_parse_from(["rill", "consume-priority", "q", "--cursor", "c", "--ack", "--nack"]).is_err());
+        assert!(Cli::try_parse_from(["rill", "consume-priority", "q"]).is_err());
     }
 }

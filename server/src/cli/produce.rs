@@ -17,7 +17,11 @@ const LINES_QUEUED_MAX: usize = 1024;
 /// Records sent but not yet acknowledged; the oldest is awaited before sending more.
 const RECEIPTS_PENDING_MAX: usize = 16 * 1024;
 
-pub(super) async fn run(client: Client, args: ProduceArgs) -> Result<()> {
+pub(super) async fn run(client: Client, mut args: ProduceArgs) -> Result<()> {
+    if let Some(lane) = args.lane {
+        // A lane is an ordinary topic: produce to it like to any other.
+        args.topic = rill_engine::cursor::priority::lane_topic_name(&args.topic, lane);
+    }
     let mut produced = 0u64;
     let result = produce(client, &args, &mut produced).await;
     match &result {

@@ -12,6 +12,12 @@ use super::{TopicCommand, TopicCreateArgs};
 pub(super) async fn run(client: &Client, command: TopicCommand) -> Result<()> {
     match command {
         TopicCommand::Create(args) => create(client, args).await,
+        TopicCommand::CreatePriority(args) => {
+            let (name, lanes) = (args.topic.name.clone(), args.lanes);
+            client.create_priority_topic(&name, lanes, settings(args.topic)).await?;
+            println!("created priority topic {name} with {lanes} lanes");
+            Ok(())
+        }
         TopicCommand::List => {
             let mut names = client.list_topics().await?;
             names.sort();
@@ -43,16 +49,20 @@ pub(super) async fn run(client: &Client, command: TopicCommand) -> Result<()> {
     }
 }
 
-async fn create(client: &Client, args: TopicCreateArgs) -> Result<()> {
-    let settings = TopicSettings {
+fn settings(args: TopicCreateArgs) -> TopicSettings {
+    TopicSettings {
         partitions: args.partitions.unwrap_or(0), // 0: the server's default
         fsync: args.fsync,
         segment_size_bytes: args.segment_bytes,
         retention_bytes: args.retention_bytes,
         retention_ms: args.retention_ms,
-    };
-    client.create_topic(&args.name, settings).await?;
-    println!("created topic {}", args.name);
+    }
+}
+
+async fn create(client: &Client, args: TopicCreateArgs) -> Result<()> {
+    let name = args.name.clone();
+    client.create_topic(&name, settings(args)).await?;
+    println!("created topic {name}");
     Ok(())
 }
 

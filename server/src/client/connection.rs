@@ -204,7 +204,10 @@ impl Connection {
         if self.is_closed() {
             return Err(Error::ConnectionClosed);
         }
-        let no_response = matches!(request, Request::Produce { acks: Acks::None, .. });
+        let no_response = matches!(
+            request,
+            Request::Produce { acks: Acks::None, .. } | Request::ProduceLane { acks: Acks::None, .. }
+        );
         let (reply, rx) = if no_response {
             let (tx, rx) = oneshot::channel();
             (Reply::Written { tx }, ResponseRx::Written(rx))

@@ -6,13 +6,16 @@
 mod admin;
 mod fetch;
 mod offsets;
+mod priority;
 pub mod produce;
 mod topics;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use rill_engine::Store;
+use parking_lot::Mutex;
+use rill_engine::{PriorityCursor, Store};
 use tokio::sync::watch;
 
 use crate::config::ServerConfig;
@@ -33,6 +36,9 @@ pub struct Shared {
     pub inflight_bytes: AtomicU64,
     /// Turns `true` when shutdown begins (long polls end early).
     pub shutdown: watch::Receiver<bool>,
+    /// Priority cursors opened by polls, by (topic, cursor): kept open so that their leases
+    /// live from one request to the next.
+    pub priority_cursors: Mutex<BTreeMap<(String, String), Arc<PriorityCursor>>>,
 }
 
 /// Executes one request. (The connection appends produce batches itself, in order, via
@@ -58,6 +64,25 @@ pub async fn execute(shared: &Arc<Shared>, request: Request) -> Result<Response>
             offsets::commit(shared, group, topic, partition, offset).await
         }
         Request::FetchOffset { group, topic, partition } => offsets::fetch_offset(shared, &group, &topic, partition),
+        Request::CreatePriorityTopic { name, lanes, settings } => priority::create(shared, name, lanes, settings).await,
+        Request::ProduceLane { topic, lane, partition, batch, .. } => {
+            let topic = rill_engine::cursor::priority::lane_topic_name(&topic, lane);
+            let pending = produce::start(shared, topic, partition, batch)?;
+            produce::finish(shared, pending).await
+        }
+        Request::PriorityPoll { topic, cursor, max, settings } => {
+            priority::poll(shared, topic, cursor, max, settings).await
+        }
+        Request::PriorityAck { topic, cursor, lease } => priority::ack(shared, topic, cursor, lease).await,
+        Request::PriorityNack { topic, cursor, lease, delay_ms, reason } => {
+            priority::nack(shared, topic, cursor, lease, delay_ms, reason).await
+        }
+        Request::PriorityExtendLease { topic, cursor, lease, extra_ms } => {
+            priority::extend_lease(shared, topic, cursor, lease, extra_ms)
+        }
+        Request::ReplayDlq { topic, partition, from, to } => {
+            priority::replay_dlq(shared, topic, partition, from, to).await
+        }
     }
 }
 

@@ -38,8 +38,16 @@ pub fn metadata(shared: &Shared, names: &[String]) -> Result<Response> {
 
 /// Creates a topic, filling unset settings from the server's topic defaults.
 pub async fn create(shared: &Arc<Shared>, name: String, settings: TopicSettings) -> Result<Response> {
+    let config = topic_config(shared, &settings)?;
+    let store = Arc::clone(&shared.store);
+    blocking(move || Ok(store.create_topic(&name, config).map(drop)?)).await?;
+    Ok(Response::Empty)
+}
+
+/// The topic configuration of `settings`, unset ones from the server's topic defaults.
+pub(super) fn topic_config(shared: &Shared, settings: &TopicSettings) -> Result<TopicConfig> {
     let defaults = &shared.config.topic_defaults;
-    let config = TopicConfig {
+    Ok(TopicConfig {
         partitions: if settings.partitions == 0 { defaults.partitions } else { settings.partitions },
         fsync: match settings.fsync {
             Some(policy) => policy,
@@ -49,10 +57,7 @@ pub async fn create(shared: &Arc<Shared>, name: String, settings: TopicSettings)
         retention_bytes: settings.retention_bytes.or(defaults.retention_bytes),
         retention_ms: settings.retention_ms.or(defaults.retention_ms),
         ..TopicConfig::default()
-    };
-    let store = Arc::clone(&shared.store);
-    blocking(move || Ok(store.create_topic(&name, config).map(drop)?)).await?;
-    Ok(Response::Empty)
+    })
 }
 
 /// Deletes a topic and its data.
