@@ -67,6 +67,8 @@ enum Cmd {
     ServerProduce(ProduceArgs),
     /// Open-loop produce -> consume latency through the server at a fixed rate.
     ServerLatency(LatencyArgs),
+    /// Priority cursors: p0 latency under a p3 flood, and cursor vs plain read throughput.
+    Priority(rill_bench::priority::PriorityArgs),
     /// Runs append, group-commit and read.
     All {
         #[command(flatten)]
@@ -279,6 +281,7 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Idempotence(args) => rill_bench::idempotence::run(scratch.path(), args, &mut report),
         Cmd::ServerProduce(args) => rill_bench::server_load::run_produce(scratch.path(), args, &mut report),
         Cmd::ServerLatency(args) => rill_bench::server_load::run_latency(scratch.path(), args, &mut report),
+        Cmd::Priority(args) => rill_bench::priority::run(scratch.path(), args, &mut report),
         Cmd::All { append, group_commit, read } => bench_append(scratch.path(), append, &mut report)
             .and_then(|()| bench_group_commit(scratch.path(), group_commit, &mut report))
             .and_then(|()| bench_read(scratch.path(), read, &mut report)),
