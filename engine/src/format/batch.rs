@@ -299,6 +299,16 @@ pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
     batch[BASE_OFFSET_OFFSET..BASE_OFFSET_OFFSET + BASE_OFFSET_SIZE].copy_from_slice(&base_offset.to_le_bytes());
 }
 
+/// Overwrites the producer fields of an encoded batch and recomputes its CRC (the fields
+/// lie inside the CRC's range). For a client re-sequencing a batch the server never appended.
+pub fn set_producer_fields(batch: &mut [u8], fields: ProducerFields) {
+    batch[PRODUCER_ID_OFFSET..][..PRODUCER_ID_SIZE].copy_from_slice(&fields.producer_id.to_le_bytes());
+    batch[PRODUCER_EPOCH_OFFSET..][..PRODUCER_EPOCH_SIZE].copy_from_slice(&fields.producer_epoch.to_le_bytes());
+    batch[BASE_SEQUENCE_OFFSET..][..BASE_SEQUENCE_SIZE].copy_from_slice(&fields.base_sequence.to_le_bytes());
+    let crc = compute_crc(batch);
+    batch[CRC_OFFSET..][..CRC_SIZE].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// Overwrites the leader epoch of an encoded batch (outside the CRC).
 pub fn set_leader_epoch(batch: &mut [u8], leader_epoch: u32) {
     batch[LEADER_EPOCH_OFFSET..LEADER_EPOCH_OFFSET + LEADER_EPOCH_SIZE].copy_from_slice(&leader_epoch.to_le_bytes());

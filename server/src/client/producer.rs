@@ -18,9 +18,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use rill_engine::format::batch::{
-    compute_crc, BASE_SEQUENCE_OFFSET, BATCH_HEADER_SIZE, CRC_OFFSET, PRODUCER_EPOCH_OFFSET, PRODUCER_ID_OFFSET,
-};
+use rill_engine::format::batch::{set_producer_fields, BATCH_HEADER_SIZE};
 use rill_engine::format::{BatchBuilder, Compression, Header, ProducerFields, Record};
 use rill_engine::limits::{BATCH_SIZE_BYTES_MAX, RECORDS_PER_BATCH_MAX};
 use rill_engine::log::partitioner::partition_for_key;
@@ -648,11 +646,7 @@ fn backoff_ms(retries: u32) -> u64 {
 /// CRC's range). Used only for batches the server is known not to have appended.
 fn restamp(batch: &[u8], fields: ProducerFields) -> Bytes {
     let mut out = BytesMut::from(batch);
-    out[PRODUCER_ID_OFFSET..][..8].copy_from_slice(&fields.producer_id.to_le_bytes());
-    out[PRODUCER_EPOCH_OFFSET..][..2].copy_from_slice(&fields.producer_epoch.to_le_bytes());
-    out[BASE_SEQUENCE_OFFSET..][..4].copy_from_slice(&fields.base_sequence.to_le_bytes());
-    let crc = compute_crc(&out);
-    out[CRC_OFFSET..][..4].copy_from_slice(&crc.to_le_bytes());
+    set_producer_fields(&mut out, fields);
     out.freeze()
 }
 
