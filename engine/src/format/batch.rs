@@ -626,20 +626,39 @@ impl Batch {
         Ok(out)
     }
 
-    /// Walks every record, checking framing, offset deltas and counts, without keeping them.
+    /// Walks every record, checking framing, offset deltas and counts, without keeping them
+    /// (and without allocating per record: this runs on every produced batch).
     pub fn validate_records(&self) -> Result<()> {
-        self.for_each_record(|_record| {})
+        self.walk_records(|_, _, _| Ok(()))
     }
 
     fn for_each_record(&self, mut visit: impl FnMut(StoredRecord)) -> Result<()> {
+        self.walk_records(|section, record, index| {
+            let mut headers = Vec::with_capacity(record.header_count.min(64) as usize);
+            walk_headers(record.headers, record.header_count, index, |key, value| {
+                headers.push(Header { key: key.to_string(), value: value.map(|v| section.slice_ref(v)) });
+            })?;
+            visit(StoredRecord {
+                offset: self.header.base_offset + u64::from(index),
+                timestamp_ms: record.timestamp_ms,
+                key: record.key.map(|k| section.slice_ref(k)),
+                value: record.value.map(|v| section.slice_ref(v)),
+                headers,
+            });
+            Ok(())
+        })
+    }
+
+    /// Parses every record in place (no allocation per record unless `visit` makes one).
+    fn walk_records(&self, mut visit: impl FnMut(&Bytes, RecordRef<'_>, u32) -> Result<()>) -> Result<()> {
         let section = match self.header.compression() {
             Compression::None => self.bytes.slice(RECORDS_OFFSET..),
             Compression::Lz4 => Bytes::from(lz4_decompress(&self.bytes[RECORDS_OFFSET..])?),
         };
         let mut rest: &[u8] = &section;
         for index in 0..self.header.record_count {
-            let record = decode_record(&section, &mut rest, &self.header, index)?;
-            visit(record);
+            let record = parse_record(&mut rest, &self.header, index)?;
+            visit(&section, record, index)?;
         }
         if !rest.is_empty() {
             return Err(Error::malformed(format!("{} trailing bytes after the last record", rest.len())));
@@ -648,52 +667,71 @@ impl Batch {
     }
 }
 
-fn decode_record(section: &Bytes, rest: &mut &[u8], header: &BatchHeader, index: u32) -> Result<StoredRecord> {
+/// One record, parsed and checked in place.
+struct RecordRef<'a> {
+    timestamp_ms: i64,
+    key: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
+    /// The encoded headers (already checked by [`walk_headers`]).
+    headers: &'a [u8],
+    header_count: u32,
+}
+
+fn parse_record<'a>(rest: &mut &'a [u8], header: &BatchHeader, index: u32) -> Result<RecordRef<'a>> {
     let len = get_varint(rest)?;
     let len =
         usize::try_from(len).map_err(|_negative| Error::malformed(format!("record {index} has negative length")))?;
     if len > rest.len() {
         return Err(Error::malformed(format!("record {index} runs past the records section")));
     }
-    let (mut body, after) = rest.split_at(len);
+    let (body, after) = rest.split_at(len);
     *rest = after;
-    let Some((_attributes, tail)) = body.split_first() else {
+    let Some((_attributes, mut body)) = body.split_first() else {
         return Err(Error::malformed(format!("record {index} is empty")));
     };
-    body = tail;
     let timestamp_delta = get_varlong(&mut body)?;
     let offset_delta = get_varint(&mut body)?;
     if i64::from(offset_delta) != i64::from(index) {
         return Err(Error::malformed(format!("record {index} has offset delta {offset_delta}")));
     }
-    let timestamp_ms = header.first_timestamp_ms.wrapping_add(timestamp_delta);
-    let key = get_optional_bytes(section, &mut body)?;
-    let value = get_optional_bytes(section, &mut body)?;
+    let key = get_optional_slice(&mut body)?;
+    let value = get_optional_slice(&mut body)?;
     let header_count = get_varint(&mut body)?;
     let header_count = u32::try_from(header_count)
         .map_err(|_negative| Error::malformed(format!("record {index} has a negative header count")))?;
     if header_count > HEADERS_PER_RECORD_MAX {
         return Err(Error::malformed(format!("record {index} has {header_count} headers")));
     }
-    let mut headers = Vec::with_capacity(header_count.min(64) as usize);
-    for _ in 0..header_count {
-        let Some(key) = get_optional_bytes(section, &mut body)? else {
-            return Err(Error::malformed(format!("record {index} has a header with a null key")));
-        };
-        let key = String::from_utf8(key.to_vec())
-            .map_err(|_invalid| Error::malformed(format!("record {index} has a header key that is not UTF-8")))?;
-        let value = get_optional_bytes(section, &mut body)?;
-        headers.push(Header { key, value });
+    let headers = body;
+    let rest_after_headers = walk_headers(body, header_count, index, |_, _| {})?;
+    if !rest_after_headers.is_empty() {
+        return Err(Error::malformed(format!("record {index} has {} trailing bytes", rest_after_headers.len())));
     }
-    if !body.is_empty() {
-        return Err(Error::malformed(format!("record {index} has {} trailing bytes", body.len())));
-    }
-    Ok(StoredRecord { offset: header.base_offset + u64::from(index), timestamp_ms, key, value, headers })
+    let timestamp_ms = header.first_timestamp_ms.wrapping_add(timestamp_delta);
+    Ok(RecordRef { timestamp_ms, key, value, headers, header_count })
 }
 
-/// Reads a length-prefixed byte string (-1 = null) and returns it as a zero-copy slice of
-/// `section`, which `body` must point into.
-fn get_optional_bytes(section: &Bytes, body: &mut &[u8]) -> Result<Option<Bytes>> {
+/// Walks `count` encoded headers, checking each (non-null UTF-8 key, optional value) and
+/// handing it to `visit`; returns the bytes after them.
+fn walk_headers<'a>(
+    mut body: &'a [u8],
+    count: u32,
+    index: u32,
+    mut visit: impl FnMut(&'a str, Option<&'a [u8]>),
+) -> Result<&'a [u8]> {
+    for _ in 0..count {
+        let Some(key) = get_optional_slice(&mut body)? else {
+            return Err(Error::malformed(format!("record {index} has a header with a null key")));
+        };
+        let key = std::str::from_utf8(key)
+            .map_err(|_invalid| Error::malformed(format!("record {index} has a header key that is not UTF-8")))?;
+        visit(key, get_optional_slice(&mut body)?);
+    }
+    Ok(body)
+}
+
+/// Reads a length-prefixed byte string (-1 = null) from the front of `body`.
+fn get_optional_slice<'a>(body: &mut &'a [u8]) -> Result<Option<&'a [u8]>> {
     let len = get_varint(body)?;
     if len == -1 {
         return Ok(None);
@@ -702,9 +740,9 @@ fn get_optional_bytes(section: &Bytes, body: &mut &[u8]) -> Result<Option<Bytes>
     if len > body.len() {
         return Err(Error::malformed("byte string runs past its record"));
     }
-    let start = body.as_ptr() as usize - section.as_ptr() as usize;
-    *body = &body[len..];
-    Ok(Some(section.slice(start..start + len)))
+    let (bytes, rest) = body.split_at(len);
+    *body = rest;
+    Ok(Some(bytes))
 }
 
 /// Splits a buffer of consecutive batches, checking each one's header and CRC. A trailing
