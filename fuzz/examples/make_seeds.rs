@@ -4,15 +4,20 @@
 //! `cd fuzz && cargo +nightly run --example make_seeds` (overwrites the seeds it knows,
 //! leaves any other file alone). Every seed is kept under 8 KiB.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
+use rill_engine::cursor::offsets::{self, OffsetKey};
+use rill_engine::cursor::priority::state::{self as cursor_state, CursorState, Failure};
 use rill_engine::format::batch::{
     set_base_offset, BatchBuilder, BatchHeader, Compression, Header, ProducerFields, Record, BATCH_HEADER_SIZE,
 };
 use rill_engine::format::topic_meta;
 use rill_engine::format::varint::{put_varint, put_varlong};
 use rill_engine::io::StdStorage;
+use rill_engine::producer::snapshot;
+use rill_engine::producer::state::{BatchMetadata, ProducerEntry, ProducerStates};
 use rill_engine::segment::{OpenKind, Segment, SegmentConfig};
 use rill_engine::{FsyncPolicy, TopicConfig};
 use rill_fuzz::{RoundtripInput, SegmentInput};
@@ -253,12 +258,100 @@ fn varint_seeds() {
     );
 }
 
+fn snapshot_seeds() {
+    let t = "snapshot_decode";
+    let meta = |first: i32, base: u64| BatchMetadata {
+        first_sequence: first,
+        last_sequence: first + 2,
+        base_offset: base,
+        last_offset: base + 2,
+        timestamp_ms: 1_700_000_000_000 + base as i64,
+    };
+    let mut states = ProducerStates::new();
+    states.insert(1, ProducerEntry { epoch: 0, batches: [meta(0, 0)].into(), last_timestamp_ms: 5 });
+    states.insert(
+        42,
+        ProducerEntry {
+            epoch: 3,
+            batches: (0..5).map(|i| meta(i * 3, 10 + i as u64 * 3)).collect(),
+            last_timestamp_ms: 1_700_000_000_999,
+        },
+    );
+    states.insert(i64::MAX, ProducerEntry { epoch: i16::MAX, batches: Default::default(), last_timestamp_ms: -1 });
+    for (name, states, offset) in [("empty", ProducerStates::new(), 0u64), ("three", states, 100)] {
+        let encoded = snapshot::encode(&states, offset);
+        assert_eq!(snapshot::decode(&encoded).expect("decodes"), (states, offset));
+        write_seed(t, name, &encoded);
+    }
+}
+
+fn offsets_seeds() {
+    let t = "offsets_decode";
+    let key = |group: &str, topic: &str, partition| OffsetKey { group: group.into(), topic: topic.into(), partition };
+    let one: BTreeMap<_, _> = [(key("g", "orders", 0), 19u64)].into();
+    let many: BTreeMap<_, _> = [
+        (key("g", "orders", 0), 19u64),
+        (key("g", "orders", 7), 0),
+        (key("billing", "invoices", u32::MAX), u64::MAX),
+        (key("g", "", 1), 3),
+    ]
+    .into();
+    for (name, map) in [("empty", BTreeMap::new()), ("one", one), ("many", many)] {
+        let encoded = offsets::encode(&map);
+        assert_eq!(offsets::decode(&encoded).expect("decodes"), map);
+        write_seed(t, name, &encoded);
+    }
+}
+
+fn cursor_state_seeds() {
+    let t = "cursor_state_decode";
+    let mut state = CursorState::new(2, 3);
+    let q = &mut state.queues[4];
+    q.committed = 10;
+    q.settled.extend([12, 15]);
+    let failure = Failure { failures: 2, visible_at_ms: 500, first_failure_ms: 100, last_failure_ms: 300 };
+    q.failed.insert(10, failure);
+    q.failed.insert(13, Failure { failures: 1, ..failure });
+    state.queues[0].committed = 7;
+    for (name, state) in
+        [("fresh", CursorState::new(1, 1)), ("two_lanes", state), ("four_lanes", CursorState::new(4, 2))]
+    {
+        let encoded = cursor_state::encode(&state);
+        assert_eq!(cursor_state::decode(&encoded).expect("decodes"), state);
+        write_seed(t, name, &encoded);
+    }
+}
+
+fn config_seeds() {
+    let t = "config_parse";
+    let cases: [(&str, &str); 4] = [
+        ("empty", ""),
+        (
+            "full",
+            "data_dir = \"/var/lib/rill\"\nlisten = \"0.0.0.0:7400\"\nmetrics_listen = \"\"\nmax_connections = 64\n\
+             max_frame_bytes = 1048576\nconnection_inflight_bytes_max = 8388608\nserver_inflight_bytes_max = 67108864\n\
+             shutdown_timeout_ms = 5000\n\n[topic_defaults]\npartitions = 4\nfsync = \"interval\"\n\
+             fsync_interval_ms = 250\nsegment_size_bytes = 1073741824\nretention_bytes = 10000000\nretention_ms = 86400000\n",
+        ),
+        ("fsync_colon", "[topic_defaults]\nfsync = \"interval:100\"\n"),
+        ("invalid", "max_frame_bytes = 0\nlisten = 5\n"),
+    ];
+    for (name, text) in cases {
+        write_seed(t, name, text.as_bytes());
+    }
+    assert!(rill_server::config::ServerConfig::from_toml(cases[1].1).is_ok(), "full config seed parses");
+}
+
 fn main() {
     batch_seeds();
     roundtrip_seeds();
     segment_seeds();
     topic_meta_seeds();
     varint_seeds();
+    snapshot_seeds();
+    offsets_seeds();
+    cursor_state_seeds();
+    config_seeds();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let mut total = 0u64;
     for target in std::fs::read_dir(&root).expect("corpus") {

@@ -82,6 +82,18 @@ pub fn fix_batch_crcs(buf: &mut [u8]) {
     }
 }
 
+/// For the small metadata files that end with a CRC-32 of every preceding byte (producer
+/// snapshots, consumer offsets, priority cursor state; see `format::envelope`): `data` with
+/// that trailing CRC rewritten, or `None` when it is too short to hold one or already
+/// matches (nothing new to try).
+pub fn with_fixed_crc(data: &[u8]) -> Option<Vec<u8>> {
+    let body_len = data.len().checked_sub(4)?;
+    let mut fixed = data.to_vec();
+    let crc = crc32fast::hash(&fixed[..body_len]);
+    fixed[body_len..].copy_from_slice(&crc.to_le_bytes());
+    (fixed != data).then_some(fixed)
+}
+
 // ---------------------------------------------------------------------------------------
 // batch_roundtrip
 // ---------------------------------------------------------------------------------------

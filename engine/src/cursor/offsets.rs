@@ -154,7 +154,8 @@ impl ConsumerOffsets {
     }
 }
 
-fn encode(offsets: &BTreeMap<OffsetKey, u64>) -> Vec<u8> {
+/// Encodes a consumer offsets file (public for the fuzz targets' round trip).
+pub fn encode(offsets: &BTreeMap<OffsetKey, u64>) -> Vec<u8> {
     let mut buf = envelope::begin(OFFSETS_MAGIC, OFFSETS_VERSION, 4 + offsets.len() * 48);
     let count = u32::try_from(offsets.len()).expect("bounded by COMMITTED_OFFSETS_MAX");
     buf.extend_from_slice(&count.to_le_bytes());
