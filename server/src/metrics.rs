@@ -230,6 +230,39 @@ impl Metrics {
             }
         }
         render_histogram(out, "rill_fsync_latency_seconds", "Latency of fdatasync calls.", &fsync);
+        render_priority_cursors(out, store);
+    }
+}
+
+/// Queue depth, oldest ready age and DLQ size of every open priority cursor.
+fn render_priority_cursors(out: &mut String, store: &Store) {
+    let cursors: Vec<_> = store
+        .open_priority_cursors()
+        .into_iter()
+        .map(|c| (c.topic().name().to_string(), c.name().to_string(), c.stats()))
+        .collect();
+    for (name, help, pick) in [
+        ("rill_priority_ready", "Messages ready for delivery, by lane.", 0usize),
+        ("rill_priority_waiting", "Messages waiting out a retry backoff, by lane.", 1),
+        ("rill_priority_in_flight", "Leases held, by lane.", 2),
+        ("rill_priority_oldest_ready_age_seconds", "Age of the oldest ready message, by lane.", 3),
+    ] {
+        line!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (topic, cursor, stats) in &cursors {
+            for (lane, l) in stats.lanes.iter().enumerate() {
+                let labels = format!("topic=\"{topic}\",cursor=\"{cursor}\",lane=\"p{lane}\"");
+                match pick {
+                    0 => line!(out, "{name}{{{labels}}} {}", l.ready),
+                    1 => line!(out, "{name}{{{labels}}} {}", l.waiting),
+                    2 => line!(out, "{name}{{{labels}}} {}", l.in_flight),
+                    _ => line!(out, "{name}{{{labels}}} {}", l.oldest_ready_age_ms as f64 / 1e3),
+                }
+            }
+        }
+    }
+    line!(out, "# HELP rill_priority_dlq_size Records in the dead-letter topic.\n# TYPE rill_priority_dlq_size gauge");
+    for (topic, cursor, stats) in &cursors {
+        line!(out, "rill_priority_dlq_size{{topic=\"{topic}\",cursor=\"{cursor}\"}} {}", stats.dlq_size);
     }
 }
 

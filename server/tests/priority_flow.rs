@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{ServerProcess, RILL};
+use common::{http_get, metric, ServerProcess, RILL};
 use rill_engine::format::BatchBuilder;
 use rill_engine::{Compression, Record};
 use rill_server::client::{decode_fetched, Client};
@@ -51,6 +51,7 @@ async fn priority_flow() {
     let data = dir.path().join("data");
     let log = dir.path().join("server.log");
     let mut server = ServerProcess::start(&data, &log, "127.0.0.1:0", "127.0.0.1:0");
+    let metrics_addr = server.metrics_addr.expect("metrics listener");
     let before = async {
         let client = Client::connect(server.addr, "priority").await.expect("connect");
         let topic = TopicSettings { partitions: 1, ..TopicSettings::default() };
@@ -88,6 +89,16 @@ async fn priority_flow() {
         let extended = client.priority_extend_lease(TOPIC, CURSOR, rest[11].lease, 60_000).await.expect("extend");
         assert_eq!(extended.lease, rest[11].lease);
         assert!(extended.lease_deadline_ms >= rest[11].lease_deadline_ms);
+
+        // Queue metrics: p3 has 10 leases out, p0 none, nothing dead-lettered yet.
+        let (status, page) = http_get(metrics_addr, "/metrics").await;
+        assert_eq!(status, 200);
+        let series =
+            |name: &str, lane: &str| format!("{name}{{topic=\"{TOPIC}\",cursor=\"{CURSOR}\",lane=\"{lane}\"}}");
+        assert_eq!(metric(&page, &series("rill_priority_in_flight", "p3")), Some(10.0), "{page}");
+        assert_eq!(metric(&page, &series("rill_priority_in_flight", "p0")), Some(0.0));
+        let dlq = format!("rill_priority_dlq_size{{topic=\"{TOPIC}\",cursor=\"{CURSOR}\"}}");
+        assert_eq!(metric(&page, &dlq), Some(0.0));
 
         // Offset 10 fails three times (max_deliveries) and is dead-lettered.
         let mut lease = rest[10].lease;

@@ -361,6 +361,11 @@ impl Store {
         Ok(PriorityTopic { name: name.to_string(), lanes, dlq })
     }
 
+    /// Every priority cursor open now (for metrics), ordered by (topic, cursor).
+    pub fn open_priority_cursors(&self) -> Vec<Arc<PriorityCursor>> {
+        self.priority_cursor_registry().lock().values().filter_map(Weak::upgrade).collect()
+    }
+
     /// Opens priority cursor `cursor` of priority topic `topic`, loading its state. While it
     /// is open, opening it again returns the same instance (the configuration must match).
     pub fn priority_cursor(
