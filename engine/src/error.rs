@@ -187,6 +187,40 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A consumer-group operation named a member the group does not have: it left, its
+    /// session timed out, or the process restarted. The member must join again without an id.
+    #[error("consumer group {group} has no member {member_id}")]
+    UnknownMember {
+        /// Group.
+        group: String,
+        /// The member id that was given.
+        member_id: String,
+    },
+    /// A consumer-group commit carried an old generation: the group rebalanced since the
+    /// member last joined or heartbeated.
+    #[error("consumer group {group} is at generation {current}, member {member_id} committed in {generation}")]
+    StaleGeneration {
+        /// Group.
+        group: String,
+        /// The committing member.
+        member_id: String,
+        /// The generation the commit carried.
+        generation: u64,
+        /// The group's generation.
+        current: u64,
+    },
+    /// A consumer-group commit named a partition that is not assigned to the member.
+    #[error("partition {partition} of {topic} is not assigned to member {member_id} of consumer group {group}")]
+    PartitionNotAssigned {
+        /// Group.
+        group: String,
+        /// The committing member.
+        member_id: String,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+    },
     /// Another process holds the store directory.
     #[error("store directory {path} is locked by another process")]
     Locked {

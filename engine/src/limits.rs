@@ -73,6 +73,20 @@ pub const PRIORITY_LEASE_EXTENSION_MS_MAX: u64 = 60 * 60 * 1000;
 /// Largest `max_deliveries` of a priority cursor.
 pub const PRIORITY_DELIVERIES_MAX: u32 = 1_000;
 
+/// Most members of one consumer group (a join beyond it is refused).
+pub const GROUP_MEMBERS_MAX: usize = 1_000;
+
+/// Most topics one consumer-group member subscribes to.
+pub const GROUP_TOPICS_MAX: usize = 100;
+
+/// Shortest consumer-group session timeout (ms): shorter ones would expire members between
+/// two heartbeats of a busy client.
+pub const GROUP_SESSION_TIMEOUT_MS_MIN: u64 = 100;
+
+/// Longest consumer-group session timeout (30 min): a dead member's partitions are idle at
+/// most this long.
+pub const GROUP_SESSION_TIMEOUT_MS_MAX: u64 = 30 * 60 * 1000;
+
 /// Longest failure reason kept in a dead-letter record (longer reasons are cut at a
 /// character boundary).
 pub const DEAD_LETTER_REASON_LEN_MAX: usize = 1_024;

@@ -23,8 +23,8 @@ use tokio::net::{lookup_host, ToSocketAddrs};
 use crate::error::{Error, Result};
 use crate::limits::{FRAME_SIZE_BYTES_MAX, METADATA_TOPICS_MAX, STRING_LEN_MAX};
 use crate::messages::{
-    Acks, LeaseRef, OffsetQuery, PriorityCursorSettings, PriorityDelivery, Request, Response, TopicDescription,
-    TopicSettings,
+    Acks, GroupAssignment, LeaseRef, OffsetQuery, PriorityCursorOptions, PriorityCursorSettings, PriorityDelivery,
+    Request, Response, TopicDescription, TopicSettings,
 };
 
 use connection::Connection;
@@ -302,6 +302,74 @@ impl Client {
         }
     }
 
+    /// Opens priority cursor `cursor` of `topic` on the server with every setting in
+    /// `options`; later polls may pass no settings. `InvalidConfig` if it is open with others.
+    pub async fn priority_open(&self, topic: &str, cursor: &str, options: PriorityCursorOptions) -> Result<()> {
+        let request = Request::PriorityOpen { topic: topic.to_string(), cursor: cursor.to_string(), options };
+        expect_empty(self.call(request).await?)
+    }
+
+    /// Closes priority cursor `cursor` of `topic` on the server; its leases are dropped and
+    /// their messages delivered again later.
+    pub async fn priority_close(&self, topic: &str, cursor: &str) -> Result<()> {
+        expect_empty(self.call(Request::PriorityClose { topic: topic.to_string(), cursor: cursor.to_string() }).await?)
+    }
+
+    /// Joins consumer group `group` for `topics` as a new member (`member_id` `None`) or
+    /// renews a membership; answers the member's partitions in the new generation.
+    pub async fn join_group(
+        &self,
+        group: &str,
+        member_id: Option<&str>,
+        session_timeout_ms: u32,
+        topics: &[&str],
+    ) -> Result<GroupAssignment> {
+        let request = Request::JoinGroup {
+            group: group.to_string(),
+            member_id: member_id.map(str::to_string),
+            session_timeout_ms,
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+        };
+        assignment(self.call(request).await?)
+    }
+
+    /// Renews a member's session; answers the group's current generation and the member's
+    /// partitions in it.
+    pub async fn group_heartbeat(&self, group: &str, member_id: &str) -> Result<GroupAssignment> {
+        assignment(
+            self.call(Request::GroupHeartbeat { group: group.to_string(), member_id: member_id.to_string() }).await?,
+        )
+    }
+
+    /// Leaves a consumer group now.
+    pub async fn leave_group(&self, group: &str, member_id: &str) -> Result<()> {
+        expect_empty(
+            self.call(Request::LeaveGroup { group: group.to_string(), member_id: member_id.to_string() }).await?,
+        )
+    }
+
+    /// Commits `offset` as member `member_id` in `generation` (refused with
+    /// `StaleGeneration` after a rebalance, `PartitionNotAssigned` for another's partition).
+    pub async fn member_commit_offset(
+        &self,
+        group: &str,
+        member_id: &str,
+        generation: u64,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<()> {
+        let request = Request::MemberCommitOffset {
+            group: group.to_string(),
+            member_id: member_id.to_string(),
+            generation,
+            topic: topic.to_string(),
+            partition,
+            offset,
+        };
+        expect_empty(self.call(request).await?)
+    }
+
     /// The server's counters, by name.
     pub async fn stats(&self) -> Result<Vec<(String, u64)>> {
         match self.call(Request::Stats).await? {
@@ -318,6 +386,13 @@ fn unexpected(response: &Response) -> Error {
 fn expect_empty(response: Response) -> Result<()> {
     match response {
         Response::Empty => Ok(()),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn assignment(response: Response) -> Result<GroupAssignment> {
+    match response {
+        Response::Assignment(a) => Ok(a),
         other => Err(unexpected(&other)),
     }
 }
@@ -406,6 +481,30 @@ fn check_request(request: &Request) -> Result<()> {
             check_string("reason", reason)
         }
         Request::ReplayDlq { topic, .. } => check_string("topic", topic),
+        Request::PriorityOpen { topic, cursor, .. } | Request::PriorityClose { topic, cursor } => {
+            check_string("topic", topic)?;
+            check_string("cursor", cursor)
+        }
+        Request::JoinGroup { group, member_id, topics, .. } => {
+            check_string("group", group)?;
+            member_id.as_deref().map_or(Ok(()), |id| check_string("member id", id))?;
+            if topics.len() > METADATA_TOPICS_MAX as usize {
+                return Err(Error::malformed(format!(
+                    "{} topics in one join, over {METADATA_TOPICS_MAX}",
+                    topics.len()
+                )));
+            }
+            topics.iter().try_for_each(|t| check_string("topic", t))
+        }
+        Request::GroupHeartbeat { group, member_id } | Request::LeaveGroup { group, member_id } => {
+            check_string("group", group)?;
+            check_string("member id", member_id)
+        }
+        Request::MemberCommitOffset { group, member_id, topic, .. } => {
+            check_string("group", group)?;
+            check_string("member id", member_id)?;
+            check_string("topic", topic)
+        }
     }
 }
 

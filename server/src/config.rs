@@ -90,6 +90,9 @@ pub struct ServerConfig {
     pub server_inflight_bytes_max: u64,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_timeout_ms: u64,
+    /// A priority cursor no request used for this long, holding no lease, is closed (its
+    /// state is on disk; the next poll opens it again).
+    pub priority_cursor_idle_close_ms: u64,
     /// Defaults for new topics.
     pub topic_defaults: TopicDefaults,
 }
@@ -105,6 +108,7 @@ impl Default for ServerConfig {
             connection_inflight_bytes_max: CONNECTION_INFLIGHT_BYTES_MAX,
             server_inflight_bytes_max: SERVER_INFLIGHT_BYTES_MAX,
             shutdown_timeout_ms: 10_000,
+            priority_cursor_idle_close_ms: 60_000,
             topic_defaults: TopicDefaults::default(),
         }
     }
@@ -139,6 +143,9 @@ impl ServerConfig {
         }
         if self.max_connections == 0 {
             return bad("max_connections must be positive".into());
+        }
+        if self.priority_cursor_idle_close_ms == 0 {
+            return bad("priority_cursor_idle_close_ms must be positive".into());
         }
         self.topic_defaults.fsync_policy()?;
         Ok(())

@@ -52,6 +52,12 @@ pub enum ErrorCode {
     LeaseNotHeld = 20,
     /// A dead-letter record lacks valid dead-letter metadata and cannot be replayed.
     InvalidDeadLetter = 21,
+    /// The consumer group has no such member (it left, timed out, or the server restarted).
+    UnknownMember = 22,
+    /// A member committed in an old generation: the group rebalanced.
+    StaleGeneration = 23,
+    /// A member committed a partition that is not assigned to it.
+    PartitionNotAssigned = 24,
 }
 
 impl ErrorCode {
@@ -81,6 +87,9 @@ impl ErrorCode {
             19 => Internal,
             20 => LeaseNotHeld,
             21 => InvalidDeadLetter,
+            22 => UnknownMember,
+            23 => StaleGeneration,
+            24 => PartitionNotAssigned,
             _ => return Option::None,
         })
     }
@@ -195,6 +204,9 @@ pub fn engine_code(e: &rill_engine::Error) -> ErrorCode {
         E::Closed => ErrorCode::ShuttingDown,
         E::LeaseNotHeld { .. } => ErrorCode::LeaseNotHeld,
         E::InvalidDeadLetter { .. } => ErrorCode::InvalidDeadLetter,
+        E::UnknownMember { .. } => ErrorCode::UnknownMember,
+        E::StaleGeneration { .. } => ErrorCode::StaleGeneration,
+        E::PartitionNotAssigned { .. } => ErrorCode::PartitionNotAssigned,
         E::Io { .. } | E::Corrupt { .. } | E::Poisoned { .. } | E::Locked { .. } => ErrorCode::StorageError,
         _ => ErrorCode::Internal,
     }

@@ -48,8 +48,20 @@ pub mod api {
     pub const PRIORITY_EXTEND_LEASE: u16 = 17;
     /// Append dead letters back to their lanes.
     pub const REPLAY_DLQ: u16 = 18;
+    /// Open a priority cursor with a full configuration.
+    pub const PRIORITY_OPEN: u16 = 19;
+    /// Close an open priority cursor (its leases are dropped).
+    pub const PRIORITY_CLOSE: u16 = 20;
+    /// Join a consumer group (or renew a membership) and learn the assignment.
+    pub const JOIN_GROUP: u16 = 21;
+    /// Renew a consumer-group session and learn the current assignment.
+    pub const GROUP_HEARTBEAT: u16 = 22;
+    /// Leave a consumer group.
+    pub const LEAVE_GROUP: u16 = 23;
+    /// Commit an offset as a member of a consumer group (fenced by generation).
+    pub const MEMBER_COMMIT_OFFSET: u16 = 24;
     /// Number of api keys defined.
-    pub const COUNT: u16 = 19;
+    pub const COUNT: u16 = 25;
 }
 
 /// The only version of every api in protocol v1.
@@ -134,6 +146,81 @@ pub struct PriorityCursorSettings {
     pub backoff_base_ms: Option<u64>,
     /// Largest backoff (ms).
     pub backoff_max_ms: Option<u64>,
+}
+
+/// Every setting of a priority cursor (`PriorityOpen`); the engine checks the ranges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriorityCursorOptions {
+    /// Weight of lanes `p0`…`p3`.
+    pub weights: [u32; 4],
+    /// Aging period (ms).
+    pub aging_ms: u64,
+    /// Lease length (ms).
+    pub lease_ms: u64,
+    /// Deliveries before dead-lettering.
+    pub max_deliveries: u32,
+    /// Backoff after the first failure (ms).
+    pub backoff_base_ms: u64,
+    /// Backoff growth per failure, in thousandths (2,000 = ×2).
+    pub backoff_factor_milli: u32,
+    /// Largest backoff (ms).
+    pub backoff_max_ms: u64,
+    /// Fraction of a backoff taken off at random, in thousandths (0..=1,000).
+    pub backoff_jitter_milli: u32,
+    /// Seed of the jitter.
+    pub backoff_seed: u64,
+    /// Most leases held at once.
+    pub max_in_flight: u32,
+}
+
+impl PriorityCursorOptions {
+    /// The engine configuration these options describe.
+    pub fn to_config(&self) -> rill_engine::PriorityCursorConfig {
+        rill_engine::PriorityCursorConfig {
+            weights: self.weights,
+            aging_ms: self.aging_ms,
+            lease_ms: self.lease_ms,
+            max_deliveries: self.max_deliveries,
+            backoff: rill_engine::BackoffConfig {
+                base_ms: self.backoff_base_ms,
+                factor: f64::from(self.backoff_factor_milli) / 1_000.0,
+                max_ms: self.backoff_max_ms,
+                jitter: f64::from(self.backoff_jitter_milli) / 1_000.0,
+                seed: self.backoff_seed,
+            },
+            max_in_flight: self.max_in_flight,
+        }
+    }
+
+    /// Options for an engine configuration (factor and jitter rounded to thousandths).
+    pub fn from_config(config: &rill_engine::PriorityCursorConfig) -> Self {
+        let milli = |x: f64| (x * 1_000.0).round().clamp(0.0, f64::from(u32::MAX)) as u32;
+        PriorityCursorOptions {
+            weights: config.weights,
+            aging_ms: config.aging_ms,
+            lease_ms: config.lease_ms,
+            max_deliveries: config.max_deliveries,
+            backoff_base_ms: config.backoff.base_ms,
+            backoff_factor_milli: milli(config.backoff.factor),
+            backoff_max_ms: config.backoff.max_ms,
+            backoff_jitter_milli: milli(config.backoff.jitter),
+            backoff_seed: config.backoff.seed,
+            max_in_flight: config.max_in_flight,
+        }
+    }
+}
+
+/// A member's partitions in a consumer group's generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupAssignment {
+    /// The member's id.
+    pub member_id: String,
+    /// The group's generation.
+    pub generation: u64,
+    /// Members in this generation.
+    pub members: u32,
+    /// The member's partitions, sorted.
+    pub partitions: Vec<(String, u32)>,
 }
 
 /// Identifies one lease of a priority cursor.
@@ -329,6 +416,62 @@ pub enum Request {
         /// End offset (exclusive).
         to: u64,
     },
+    /// Open a priority cursor with every setting given.
+    PriorityOpen {
+        /// Priority topic.
+        topic: String,
+        /// Cursor name.
+        cursor: String,
+        /// Its settings.
+        options: PriorityCursorOptions,
+    },
+    /// Close an open priority cursor.
+    PriorityClose {
+        /// Priority topic.
+        topic: String,
+        /// Cursor name.
+        cursor: String,
+    },
+    /// Join a consumer group.
+    JoinGroup {
+        /// Group.
+        group: String,
+        /// The member's id when renewing; none for a new member.
+        member_id: Option<String>,
+        /// The member is removed when silent this long (ms).
+        session_timeout_ms: u32,
+        /// Topics it reads.
+        topics: Vec<String>,
+    },
+    /// Renew a consumer-group session.
+    GroupHeartbeat {
+        /// Group.
+        group: String,
+        /// Member id.
+        member_id: String,
+    },
+    /// Leave a consumer group.
+    LeaveGroup {
+        /// Group.
+        group: String,
+        /// Member id.
+        member_id: String,
+    },
+    /// Commit a position as a member of a consumer group.
+    MemberCommitOffset {
+        /// Group.
+        group: String,
+        /// Member id.
+        member_id: String,
+        /// The generation the member is in.
+        generation: u64,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Next offset the group will read.
+        offset: u64,
+    },
 }
 
 /// A successful response body.
@@ -375,6 +518,8 @@ pub enum Response {
     PriorityDeliveries(Vec<PriorityDelivery>),
     /// A count (dead letters replayed).
     Count(u64),
+    /// A consumer-group member's assignment (join, heartbeat).
+    Assignment(GroupAssignment),
 }
 
 impl Request {
@@ -400,6 +545,12 @@ impl Request {
             Request::PriorityNack { .. } => api::PRIORITY_NACK,
             Request::PriorityExtendLease { .. } => api::PRIORITY_EXTEND_LEASE,
             Request::ReplayDlq { .. } => api::REPLAY_DLQ,
+            Request::PriorityOpen { .. } => api::PRIORITY_OPEN,
+            Request::PriorityClose { .. } => api::PRIORITY_CLOSE,
+            Request::JoinGroup { .. } => api::JOIN_GROUP,
+            Request::GroupHeartbeat { .. } => api::GROUP_HEARTBEAT,
+            Request::LeaveGroup { .. } => api::LEAVE_GROUP,
+            Request::MemberCommitOffset { .. } => api::MEMBER_COMMIT_OFFSET,
         }
     }
 
@@ -453,6 +604,31 @@ impl Request {
             }
             Request::ReplayDlq { topic, partition, from, to } => {
                 w.string(topic).u32(*partition).u64(*from).u64(*to);
+            }
+            Request::PriorityOpen { topic, cursor, options: o } => {
+                w.string(topic).string(cursor);
+                for weight in o.weights {
+                    w.u32(weight);
+                }
+                w.u64(o.aging_ms).u64(o.lease_ms).u32(o.max_deliveries).u64(o.backoff_base_ms);
+                w.u32(o.backoff_factor_milli).u64(o.backoff_max_ms).u32(o.backoff_jitter_milli);
+                w.u64(o.backoff_seed).u32(o.max_in_flight);
+            }
+            Request::PriorityClose { topic, cursor } => {
+                w.string(topic).string(cursor);
+            }
+            Request::JoinGroup { group, member_id, session_timeout_ms, topics } => {
+                w.string(group).opt_string(member_id.as_deref()).u32(*session_timeout_ms);
+                w.u32(u32::try_from(topics.len()).expect("topic lists are bounded by METADATA_TOPICS_MAX"));
+                for topic in topics {
+                    w.string(topic);
+                }
+            }
+            Request::GroupHeartbeat { group, member_id } | Request::LeaveGroup { group, member_id } => {
+                w.string(group).string(member_id);
+            }
+            Request::MemberCommitOffset { group, member_id, generation, topic, partition, offset } => {
+                w.string(group).string(member_id).u64(*generation).string(topic).u32(*partition).u64(*offset);
             }
             Request::DeleteTopic { name } => {
                 w.string(name);
@@ -557,6 +733,51 @@ impl Request {
                 partition: r.u32("partition")?,
                 from: r.u64("from")?,
                 to: r.u64("to")?,
+            },
+            api::PRIORITY_OPEN => {
+                let topic = r.string("topic")?;
+                let cursor = r.string("cursor")?;
+                let mut weights = [0u32; 4];
+                for weight in &mut weights {
+                    *weight = r.u32("lane weight")?;
+                }
+                let options = PriorityCursorOptions {
+                    weights,
+                    aging_ms: r.u64("aging ms")?,
+                    lease_ms: r.u64("lease ms")?,
+                    max_deliveries: r.u32("max deliveries")?,
+                    backoff_base_ms: r.u64("backoff base ms")?,
+                    backoff_factor_milli: r.u32("backoff factor")?,
+                    backoff_max_ms: r.u64("backoff max ms")?,
+                    backoff_jitter_milli: r.u32("backoff jitter")?,
+                    backoff_seed: r.u64("backoff seed")?,
+                    max_in_flight: r.u32("max in flight")?,
+                };
+                Request::PriorityOpen { topic, cursor, options }
+            }
+            api::PRIORITY_CLOSE => Request::PriorityClose { topic: r.string("topic")?, cursor: r.string("cursor")? },
+            api::JOIN_GROUP => {
+                let group = r.string("group")?;
+                let member_id = r.opt_string("member id")?;
+                let session_timeout_ms = r.u32("session timeout")?;
+                let count = r.u32("topic count")?;
+                if count > METADATA_TOPICS_MAX {
+                    return Err(Error::malformed(format!("{count} topics in a join")));
+                }
+                let topics = (0..count).map(|_| r.string("topic")).collect::<Result<_>>()?;
+                Request::JoinGroup { group, member_id, session_timeout_ms, topics }
+            }
+            api::GROUP_HEARTBEAT => {
+                Request::GroupHeartbeat { group: r.string("group")?, member_id: r.string("member id")? }
+            }
+            api::LEAVE_GROUP => Request::LeaveGroup { group: r.string("group")?, member_id: r.string("member id")? },
+            api::MEMBER_COMMIT_OFFSET => Request::MemberCommitOffset {
+                group: r.string("group")?,
+                member_id: r.string("member id")?,
+                generation: r.u64("generation")?,
+                topic: r.string("topic")?,
+                partition: r.u32("partition")?,
+                offset: r.u64("offset")?,
             },
             api::DELETE_TOPIC => Request::DeleteTopic { name: r.string("topic")? },
             api::INIT_PRODUCER_ID => Request::InitProducerId { transactional_id: r.opt_string("transactional id")? },
@@ -732,6 +953,13 @@ impl Response {
             Response::Count(n) => {
                 w.u64(*n);
             }
+            Response::Assignment(a) => {
+                w.string(&a.member_id).u64(a.generation).u32(a.members);
+                w.u32(u32::try_from(a.partitions.len()).expect("assignments are bounded by the topics' partitions"));
+                for (topic, partition) in &a.partitions {
+                    w.string(topic).u32(*partition);
+                }
+            }
         }
         w.finish()
     }
@@ -778,7 +1006,22 @@ fn decode_body(api_key: u16, r: &mut WireReader) -> Result<Response> {
         | api::COMMIT_OFFSET
         | api::CREATE_PRIORITY_TOPIC
         | api::PRIORITY_ACK
-        | api::PRIORITY_NACK => Response::Empty,
+        | api::PRIORITY_NACK
+        | api::PRIORITY_OPEN
+        | api::PRIORITY_CLOSE
+        | api::LEAVE_GROUP
+        | api::MEMBER_COMMIT_OFFSET => Response::Empty,
+        api::JOIN_GROUP | api::GROUP_HEARTBEAT => {
+            let member_id = r.string("member id")?;
+            let generation = r.u64("generation")?;
+            let members = r.u32("members")?;
+            let count = r.u32("partition count")?;
+            let mut partitions = Vec::with_capacity(count.min(1024) as usize);
+            for _ in 0..count {
+                partitions.push((r.string("topic")?, r.u32("partition")?));
+            }
+            Response::Assignment(GroupAssignment { member_id, generation, members, partitions })
+        }
         api::PRIORITY_POLL | api::PRIORITY_EXTEND_LEASE => {
             let count = r.u32("delivery count")?;
             let mut deliveries = Vec::with_capacity(count.min(1024) as usize);
@@ -967,6 +1210,34 @@ mod tests {
             },
             Request::PriorityExtendLease { topic: "q".into(), cursor: "c".into(), lease: LEASE, extra_ms: 500 },
             Request::ReplayDlq { topic: "q".into(), partition: 1, from: 2, to: 9 },
+            Request::PriorityOpen {
+                topic: "q".into(),
+                cursor: "c".into(),
+                options: PriorityCursorOptions::from_config(&rill_engine::PriorityCursorConfig::default()),
+            },
+            Request::PriorityClose { topic: "q".into(), cursor: "c".into() },
+            Request::JoinGroup {
+                group: "g".into(),
+                member_id: None,
+                session_timeout_ms: 10_000,
+                topics: vec!["a".into(), "b".into()],
+            },
+            Request::JoinGroup {
+                group: "g".into(),
+                member_id: Some("m".into()),
+                session_timeout_ms: 1,
+                topics: vec![],
+            },
+            Request::GroupHeartbeat { group: "g".into(), member_id: "m".into() },
+            Request::LeaveGroup { group: "g".into(), member_id: "m".into() },
+            Request::MemberCommitOffset {
+                group: "g".into(),
+                member_id: "m".into(),
+                generation: 3,
+                topic: "t".into(),
+                partition: 2,
+                offset: 99,
+            },
         ];
         for (i, request) in requests.into_iter().enumerate() {
             let mut buf = join(request.encode(i as u32, "cli"));
@@ -993,6 +1264,28 @@ mod tests {
             (api::PRIORITY_ACK, Response::Empty),
             (api::PRIORITY_NACK, Response::Empty),
             (api::REPLAY_DLQ, Response::Count(12)),
+            (api::PRIORITY_OPEN, Response::Empty),
+            (api::PRIORITY_CLOSE, Response::Empty),
+            (api::LEAVE_GROUP, Response::Empty),
+            (api::MEMBER_COMMIT_OFFSET, Response::Empty),
+            (
+                api::JOIN_GROUP,
+                Response::Assignment(GroupAssignment {
+                    member_id: "g-1".into(),
+                    generation: 4,
+                    members: 2,
+                    partitions: vec![("a".into(), 0), ("b".into(), 3)],
+                }),
+            ),
+            (
+                api::GROUP_HEARTBEAT,
+                Response::Assignment(GroupAssignment {
+                    member_id: "g-1".into(),
+                    generation: 5,
+                    members: 1,
+                    partitions: vec![],
+                }),
+            ),
             (api::PRIORITY_POLL, Response::PriorityDeliveries(vec![])),
             (
                 api::PRIORITY_POLL,

@@ -67,6 +67,12 @@ const API_NAMES: [&str; api::COUNT as usize] = [
     "priority_nack",
     "priority_extend_lease",
     "replay_dlq",
+    "priority_open",
+    "priority_close",
+    "join_group",
+    "group_heartbeat",
+    "leave_group",
+    "member_commit_offset",
 ];
 
 /// Per-topic traffic counters.

@@ -65,8 +65,29 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         priority_cursors: Default::default(),
     });
     tracing::info!(%addr, ?metrics_addr, data_dir = %shared.config.data_dir.display(), "rill serving");
+    tokio::spawn(close_idle_cursors(Arc::clone(&shared), stop_rx.clone()));
     let done = tokio::spawn(accept_loop(listener, shared, stop_rx));
     Ok(ServerHandle { addr, metrics_addr, stop, done })
+}
+
+/// Closes idle priority cursors (see [`crate::cmd::priority::close_idle`]) until shutdown,
+/// checking a few times per idle period.
+async fn close_idle_cursors(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let idle = Duration::from_millis(shared.config.priority_cursor_idle_close_ms);
+    let mut ticks = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stopping| *stopping) => return,
+        }
+        let sweeper = Arc::clone(&shared);
+        match tokio::task::spawn_blocking(move || crate::cmd::priority::close_idle(&sweeper, idle)).await {
+            Ok(0) => {}
+            Ok(closed) => tracing::debug!(closed, "closed idle priority cursors"),
+            Err(e) => tracing::warn!(%e, "closing idle priority cursors failed"),
+        }
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<()> {

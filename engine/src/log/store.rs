@@ -21,7 +21,7 @@ use super::partition::{Partition, PartitionContext};
 use super::partitioner::partition_for_key;
 use crate::config::{StoreConfig, TopicConfig};
 use crate::cursor::priority::PriorityCursorRegistry;
-use crate::cursor::ConsumerOffsets;
+use crate::cursor::{Assignment, ConsumerOffsets, GroupCoordinator};
 use crate::error::{Error, Result};
 use crate::format::topic_meta;
 use crate::format::{Compression, Record};
@@ -99,6 +99,7 @@ struct StoreInner {
     config: StoreConfig,
     context: PartitionContext,
     offsets: ConsumerOffsets,
+    groups: GroupCoordinator,
     priority_cursors: PriorityCursorRegistry,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Held for the store's lifetime: keeps other processes from opening the directory.
@@ -139,11 +140,13 @@ impl Store {
         };
         let offsets = ConsumerOffsets::open(Arc::clone(&context.storage), &dir)?;
         let topics = load_topics(&context, &dir)?;
+        let groups = GroupCoordinator::new(Arc::clone(&config.clock));
         let inner = Arc::new(StoreInner {
             dir,
             config,
             context,
             offsets,
+            groups,
             priority_cursors: PriorityCursorRegistry::default(),
             topics: RwLock::new(topics),
             _lock: lock,
@@ -224,6 +227,57 @@ impl Store {
     /// Committed consumer offsets.
     pub fn consumer_offsets(&self) -> &ConsumerOffsets {
         &self.inner.offsets
+    }
+
+    /// Consumer-group membership ([`GroupCoordinator`]; the methods below are the usual way in).
+    pub fn groups(&self) -> &GroupCoordinator {
+        &self.inner.groups
+    }
+
+    /// Joins consumer group `group` for `topics` (which must exist); see
+    /// [`GroupCoordinator::join`]. The answer names the member's partitions in the new
+    /// generation.
+    pub fn join_group(
+        &self,
+        group: &str,
+        member_id: Option<&str>,
+        topics: &[&str],
+        session_timeout_ms: u64,
+    ) -> Result<Assignment> {
+        let counted = topics
+            .iter()
+            .map(|name| {
+                let count = u32::try_from(self.topic(name)?.partitions().len()).expect("partition counts are u32");
+                Ok((name.to_string(), count))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.inner.groups.join(group, member_id, &counted, session_timeout_ms)
+    }
+
+    /// Renews a member's session; answers the current generation and its partitions.
+    pub fn group_heartbeat(&self, group: &str, member_id: &str) -> Result<Assignment> {
+        self.inner.groups.heartbeat(group, member_id)
+    }
+
+    /// Removes a member from its group now.
+    pub fn leave_group(&self, group: &str, member_id: &str) -> Result<()> {
+        self.inner.groups.leave(group, member_id)
+    }
+
+    /// Commits `offset` for a partition as a member of `group`: refused unless the member
+    /// is current, `generation` is the group's, and the partition is assigned to it; durable
+    /// when it returns.
+    pub fn commit_offset_as_member(
+        &self,
+        group: &str,
+        member_id: &str,
+        generation: u64,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<()> {
+        self.inner.groups.check_commit(group, member_id, generation, topic, partition)?;
+        self.inner.offsets.commit(group, topic, partition, offset)
     }
 
     /// The store's configuration (storage and clock for components above the log).

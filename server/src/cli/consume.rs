@@ -1,10 +1,10 @@
-//! `rill consume`: prints records of every partition of a topic, optionally committing the
-//! position of a consumer group.
+//! `rill consume`: prints records of every partition of a topic (or, with `--join`, of the
+//! partitions a consumer group assigns), optionally committing the position of the group.
 
 use std::io::Write;
 
 use crate::client::{Client, ConsumedRecord, Consumer, StartPosition};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 
 use super::parse::record_json;
 use super::{ConsumeArgs, OutputFormat};
@@ -14,7 +14,10 @@ const POLL_WAIT_MS: u32 = 500;
 
 pub(super) async fn run(client: Client, args: ConsumeArgs) -> Result<()> {
     let start = start_position(&args, now_ms());
-    let mut consumer = Consumer::new(client, args.group.clone(), &args.topic, start).await?;
+    let mut consumer = match (&args.group, args.join) {
+        (Some(group), true) => Consumer::join(client, group, &args.topic, args.session_timeout_ms).await?,
+        _ => Consumer::new(client, args.group.clone(), &args.topic, start).await?,
+    };
     // Without --follow, stop at the end offsets seen at start.
     let limits: Option<Vec<u64>> = (!args.follow).then(|| consumer.end_offsets().to_vec());
     let mut printed = 0u64;
@@ -48,13 +51,29 @@ pub(super) async fn run(client: Client, args: ConsumeArgs) -> Result<()> {
             consumer.seek(partition, offset)?;
         }
         if args.group.is_some() && !records.is_empty() {
-            consumer.commit().await?;
+            commit(&mut consumer).await?;
         }
     }
     if args.group.is_some() {
-        consumer.commit().await?;
+        commit(&mut consumer).await?;
     }
-    Ok(())
+    consumer.leave().await
+}
+
+/// Commits; a member's commit refused by a rebalance is not fatal (the records it covered
+/// are read again by their new owner).
+async fn commit(consumer: &mut Consumer) -> Result<()> {
+    match consumer.commit().await {
+        Err(Error::Server {
+            code: ErrorCode::StaleGeneration | ErrorCode::PartitionNotAssigned | ErrorCode::UnknownMember,
+            message,
+            ..
+        }) if consumer.membership().is_some() => {
+            tracing::warn!(%message, "commit refused after a rebalance; following the new assignment");
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// The reader of the output went away (`rill consume t | head`): a normal end.
@@ -164,6 +183,8 @@ mod tests {
             since: None,
             group: group.map(str::to_string),
             follow,
+            join: false,
+            session_timeout_ms: 10_000,
             max: None,
             format: OutputFormat::Value,
         }

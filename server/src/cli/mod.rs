@@ -226,6 +226,14 @@ pub struct ConsumeArgs {
     /// with --group, else the end with --follow, else the beginning.
     #[arg(long)]
     pub follow: bool,
+    /// Read as a member of the --group: only the partitions the group assigns, following
+    /// rebalances, so several `rill consume --group G --join --follow` share a topic. Leaves
+    /// the group on exit.
+    #[arg(long, requires = "group", requires = "follow")]
+    pub join: bool,
+    /// Session timeout of a --join member (ms): it loses its partitions when silent this long.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    pub session_timeout_ms: u32,
     /// Stop after this many records.
     #[arg(long)]
     pub max: Option<u64>,

@@ -1,8 +1,9 @@
-//! A single-member consumer of every partition of one topic: fetches from each partition,
-//! decodes the batches, drops records below the position, advances, and commits positions
-//! for a consumer group.
+//! A consumer of one topic: fetches from each partition it reads, decodes the batches, drops
+//! records below the position, advances, and commits positions for a consumer group. It
+//! reads every partition ([`Consumer::new`]) or, as a member of a consumer group
+//! ([`Consumer::join`]), the partitions the group assigns it, following rebalances.
 //!
-//! It owns: per-partition positions and their start, long-poll pacing.
+//! It owns: per-partition positions and their start, long-poll pacing, its group session.
 //! It must never: advance a position past a record it has not returned.
 
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tokio::time::Instant;
 
 use super::{fetched, Client, ResponseFuture};
 use crate::error::{Error, ErrorCode, Result};
-use crate::messages::{OffsetQuery, Request, Response};
+use crate::messages::{GroupAssignment, OffsetQuery, Request, Response};
 
 /// Smallest wait a long-polling fetch asks for once a poll found no data (keeps a poll on
 /// many empty partitions from spinning).
@@ -56,8 +57,19 @@ pub struct ConsumedRecord {
     pub headers: Vec<Header>,
 }
 
-/// Reads every partition of one topic. A single member: it owns all partitions (no group
-/// rebalancing); a group only names where positions are committed.
+/// A consumer's membership of its group.
+#[derive(Debug)]
+struct Membership {
+    member_id: String,
+    generation: u64,
+    session_timeout_ms: u32,
+    last_heartbeat: Instant,
+    /// A commit was refused for a rebalance: heartbeat at the next poll.
+    refresh: bool,
+}
+
+/// Reads one topic: every partition ([`Consumer::new`]; a group then only names where
+/// positions are committed), or the partitions a consumer group assigns ([`Consumer::join`]).
 #[derive(Debug)]
 pub struct Consumer {
     client: Client,
@@ -67,6 +79,9 @@ pub struct Consumer {
     positions: Vec<u64>,
     /// End offsets as last seen (metadata at start, then every fetch).
     end_offsets: Vec<u64>,
+    /// Whether this consumer reads each partition.
+    assigned: Vec<bool>,
+    membership: Option<Membership>,
     fetch_max_bytes: u32,
 }
 
@@ -89,16 +104,122 @@ impl Consumer {
         }
         let end_offsets: Vec<u64> = partitions.iter().map(|p| p.end_offset).collect();
         let log_starts: Vec<u64> = partitions.iter().map(|p| p.log_start).collect();
+        let assigned = vec![true; end_offsets.len()];
         let mut consumer = Consumer {
             client,
             group,
             topic: topic.to_string(),
             positions: Vec::new(),
             end_offsets,
+            assigned,
+            membership: None,
             fetch_max_bytes: FETCH_MAX_BYTES_DEFAULT,
         };
         consumer.positions = consumer.start_positions(start, &log_starts).await?;
         Ok(consumer)
+    }
+
+    /// Joins consumer group `group` as a new member reading `topic`, and reads the
+    /// partitions the group assigns it, each from the group's committed offset (the log
+    /// start where none is committed). [`Consumer::poll`] keeps the session alive (it must
+    /// be called more often than `session_timeout_ms`) and follows rebalances;
+    /// [`Consumer::commit`] commits as a member.
+    pub async fn join(client: Client, group: &str, topic: &str, session_timeout_ms: u32) -> Result<Consumer> {
+        let mut consumer = Consumer::new(client, Some(group.to_string()), topic, StartPosition::Earliest).await?;
+        consumer.assigned.fill(false);
+        let assignment = consumer.client.join_group(group, None, session_timeout_ms, &[topic]).await?;
+        consumer.membership = Some(Membership {
+            member_id: assignment.member_id.clone(),
+            generation: 0,
+            session_timeout_ms,
+            last_heartbeat: Instant::now(),
+            refresh: false,
+        });
+        consumer.apply_assignment(assignment).await?;
+        Ok(consumer)
+    }
+
+    /// The member id and generation, for a group member.
+    pub fn membership(&self) -> Option<(&str, u64)> {
+        self.membership.as_ref().map(|m| (m.member_id.as_str(), m.generation))
+    }
+
+    /// Partitions this consumer reads now.
+    pub fn assigned_partitions(&self) -> Vec<u32> {
+        (0..self.partition_count()).filter(|&p| self.assigned[p as usize]).collect()
+    }
+
+    /// Adopts a (possibly new) generation's assignment: newly assigned partitions start at
+    /// the group's committed offset; partitions kept keep their position.
+    async fn apply_assignment(&mut self, assignment: GroupAssignment) -> Result<()> {
+        let Some(membership) = self.membership.as_mut() else { return Ok(()) };
+        membership.last_heartbeat = Instant::now();
+        if assignment.generation == membership.generation {
+            return Ok(());
+        }
+        membership.generation = assignment.generation;
+        let mut now_assigned = vec![false; self.assigned.len()];
+        for (topic, partition) in &assignment.partitions {
+            match now_assigned.get_mut(*partition as usize) {
+                Some(slot) if *topic == self.topic => *slot = true,
+                _ => {
+                    return Err(Error::malformed(format!("assigned {topic} partition {partition}, not of this topic")))
+                }
+            }
+        }
+        let fresh: Vec<u32> =
+            (0..self.partition_count()).filter(|&p| now_assigned[p as usize] && !self.assigned[p as usize]).collect();
+        let group = self.group()?.to_string();
+        let requests = fresh.iter().map(|&partition| Request::FetchOffset {
+            group: group.clone(),
+            topic: self.topic.clone(),
+            partition,
+        });
+        let committed = self.pipeline(requests).await?;
+        for (&partition, response) in fresh.iter().zip(committed) {
+            let position = match offset_of(response?)? {
+                Some(offset) => offset,
+                None => self.client.list_offsets(&self.topic, partition, OffsetQuery::Earliest).await?.unwrap_or(0),
+            };
+            self.positions[partition as usize] = position;
+        }
+        tracing::debug!(topic = %self.topic, generation = assignment.generation, partitions = ?assignment.partitions, "group assignment");
+        self.assigned = now_assigned;
+        Ok(())
+    }
+
+    /// Heartbeats when a third of the session has passed; rejoins when the group forgot
+    /// this member.
+    async fn keep_membership(&mut self) -> Result<()> {
+        let Some(membership) = self.membership.as_mut() else { return Ok(()) };
+        let interval = Duration::from_millis(u64::from(membership.session_timeout_ms) / 3);
+        if !std::mem::take(&mut membership.refresh) && membership.last_heartbeat.elapsed() < interval {
+            return Ok(());
+        }
+        let (member_id, session_timeout_ms) = (membership.member_id.clone(), membership.session_timeout_ms);
+        let group = self.group()?.to_string();
+        let assignment = match self.client.group_heartbeat(&group, &member_id).await {
+            Err(Error::Server { code: ErrorCode::UnknownMember, .. }) => {
+                tracing::warn!(%group, %member_id, "the group forgot this member; joining again");
+                let joined = self.client.join_group(&group, None, session_timeout_ms, &[&self.topic]).await?;
+                let membership = self.membership.as_mut().expect("checked above");
+                membership.member_id = joined.member_id.clone();
+                // Everything is reassigned from the committed offsets.
+                self.assigned.fill(false);
+                membership.generation = 0;
+                joined
+            }
+            other => other?,
+        };
+        self.apply_assignment(assignment).await
+    }
+
+    /// Leaves the consumer group now (its partitions go to the other members at once).
+    pub async fn leave(self) -> Result<()> {
+        match (&self.group, &self.membership) {
+            (Some(group), Some(membership)) => self.client.leave_group(group, &membership.member_id).await,
+            _ => Ok(()),
+        }
     }
 
     async fn start_positions(&self, start: StartPosition, log_starts: &[u64]) -> Result<Vec<u64>> {
@@ -186,6 +307,18 @@ impl Consumer {
         let deadline = Instant::now() + Duration::from_millis(u64::from(max_wait_ms));
         let mut wait_ms = 0;
         loop {
+            self.keep_membership().await?;
+            if let Some(membership) = self.membership.as_ref().filter(|_| !self.assigned.contains(&true)) {
+                // Nothing assigned: wait for a rebalance, heartbeating meanwhile.
+                let next_heartbeat =
+                    membership.last_heartbeat + Duration::from_millis(u64::from(membership.session_timeout_ms) / 3);
+                if next_heartbeat >= deadline {
+                    tokio::time::sleep_until(deadline).await;
+                    return Ok(Vec::new());
+                }
+                tokio::time::sleep_until(next_heartbeat).await;
+                continue;
+            }
             let records = self.fetch_round(wait_ms).await?;
             if !records.is_empty() {
                 return Ok(records);
@@ -197,8 +330,13 @@ impl Consumer {
             // Responses come back in request order, so each partition's long poll gets a
             // share of the time left: a round ends in time whether the server waits on the
             // partitions one after another or all at once.
-            let remaining_ms = u32::try_from(remaining_ms).unwrap_or(u32::MAX);
-            wait_ms = (remaining_ms / self.partition_count().max(1)).max(POLL_WAIT_MS_MIN).min(remaining_ms);
+            let mut remaining_ms = u32::try_from(remaining_ms).unwrap_or(u32::MAX);
+            if let Some(membership) = &self.membership {
+                // Long polls end in time for the next heartbeat.
+                remaining_ms = remaining_ms.min(membership.session_timeout_ms / 3).max(1);
+            }
+            let reading = u32::try_from(self.assigned.iter().filter(|&&a| a).count()).unwrap_or(u32::MAX);
+            wait_ms = (remaining_ms / reading.max(1)).max(POLL_WAIT_MS_MIN).min(remaining_ms);
         }
     }
 
@@ -206,8 +344,10 @@ impl Consumer {
     /// error; if records were read before it, they are returned (the error will recur on
     /// the next poll), so no position moves past a record that is not returned.
     async fn fetch_round(&mut self, wait_ms: u32) -> Result<Vec<ConsumedRecord>> {
-        let requests: Vec<Request> = (0..self.partition_count())
-            .map(|partition| Request::Fetch {
+        let reading: Vec<u32> = self.assigned_partitions();
+        let requests: Vec<Request> = reading
+            .iter()
+            .map(|&partition| Request::Fetch {
                 topic: self.topic.clone(),
                 partition,
                 offset: self.positions[partition as usize],
@@ -217,8 +357,8 @@ impl Consumer {
             .collect();
         let responses = self.pipeline(requests.into_iter()).await?;
         let mut out = Vec::new();
-        for (index, response) in responses.into_iter().enumerate() {
-            let partition = u32::try_from(index).expect("one response per partition");
+        for (&partition, response) in reading.iter().zip(responses) {
+            let index = partition as usize;
             let applied = match response.and_then(fetched) {
                 Ok(fetched) => {
                     self.end_offsets[index] = fetched.end_offset;
@@ -255,22 +395,53 @@ impl Consumer {
         Ok(())
     }
 
-    /// Commits every partition's position for the consumer's group.
-    pub async fn commit(&self) -> Result<()> {
-        let group = self.group()?;
-        let requests = self.positions.iter().enumerate().map(|(partition, &offset)| Request::CommitOffset {
-            group: group.to_string(),
-            topic: self.topic.clone(),
-            partition: u32::try_from(partition).expect("one position per partition"),
-            offset,
-        });
-        for response in self.pipeline(requests).await? {
-            match response? {
-                Response::Empty => {}
-                other => return Err(Error::malformed(format!("unexpected response {other:?} to a commit"))),
+    /// Commits the position of every partition read for the consumer's group. A group
+    /// member commits as a member: after a rebalance it is refused (`StaleGeneration`,
+    /// `PartitionNotAssigned` or `UnknownMember`), and the next poll adopts the new
+    /// assignment (joining again if the group forgot the member).
+    pub async fn commit(&mut self) -> Result<()> {
+        let group = self.group()?.to_string();
+        let membership = self.membership.as_ref().map(|m| (m.member_id.clone(), m.generation));
+        let requests: Vec<Request> = self
+            .assigned_partitions()
+            .into_iter()
+            .map(|partition| {
+                let (topic, offset) = (self.topic.clone(), self.positions[partition as usize]);
+                match &membership {
+                    None => Request::CommitOffset { group: group.clone(), topic, partition, offset },
+                    Some((member_id, generation)) => Request::MemberCommitOffset {
+                        group: group.clone(),
+                        member_id: member_id.clone(),
+                        generation: *generation,
+                        topic,
+                        partition,
+                        offset,
+                    },
+                }
+            })
+            .collect();
+        let mut first_error = None;
+        for response in self.pipeline(requests.into_iter()).await? {
+            match response {
+                Ok(Response::Empty) => {}
+                Ok(other) => return Err(Error::malformed(format!("unexpected response {other:?} to a commit"))),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(())
+        let Some(error) = first_error else { return Ok(()) };
+        let rebalanced = matches!(
+            &error,
+            Error::Server {
+                code: ErrorCode::StaleGeneration | ErrorCode::PartitionNotAssigned | ErrorCode::UnknownMember,
+                ..
+            }
+        );
+        if let Some(membership) = self.membership.as_mut().filter(|_| rebalanced) {
+            membership.refresh = true;
+        }
+        Err(error)
     }
 }
 

@@ -5,17 +5,16 @@
 
 mod admin;
 mod fetch;
+mod groups;
 mod offsets;
-mod priority;
+pub mod priority;
 pub mod produce;
 mod topics;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-use rill_engine::{PriorityCursor, Store};
+use rill_engine::Store;
 use tokio::sync::watch;
 
 use crate::config::ServerConfig;
@@ -36,9 +35,9 @@ pub struct Shared {
     pub inflight_bytes: AtomicU64,
     /// Turns `true` when shutdown begins (long polls end early).
     pub shutdown: watch::Receiver<bool>,
-    /// Priority cursors opened by polls, by (topic, cursor): kept open so that their leases
-    /// live from one request to the next.
-    pub priority_cursors: Mutex<BTreeMap<(String, String), Arc<PriorityCursor>>>,
+    /// Priority cursors opened by `PriorityOpen` or polls, by (topic, cursor): kept open so
+    /// that their leases live from one request to the next.
+    pub priority_cursors: priority::OpenCursors,
 }
 
 /// Executes one request. (The connection appends produce batches itself, in order, via
@@ -82,6 +81,16 @@ pub async fn execute(shared: &Arc<Shared>, request: Request) -> Result<Response>
         }
         Request::ReplayDlq { topic, partition, from, to } => {
             priority::replay_dlq(shared, topic, partition, from, to).await
+        }
+        Request::PriorityOpen { topic, cursor, options } => priority::open(shared, topic, cursor, options).await,
+        Request::PriorityClose { topic, cursor } => Ok(priority::close(shared, topic, cursor)),
+        Request::JoinGroup { group, member_id, session_timeout_ms, topics } => {
+            groups::join(shared, group, member_id, session_timeout_ms, topics)
+        }
+        Request::GroupHeartbeat { group, member_id } => groups::heartbeat(shared, &group, &member_id),
+        Request::LeaveGroup { group, member_id } => groups::leave(shared, &group, &member_id),
+        Request::MemberCommitOffset { group, member_id, generation, topic, partition, offset } => {
+            groups::commit(shared, group, member_id, generation, topic, partition, offset).await
         }
     }
 }

@@ -1,18 +1,44 @@
 //! `CreatePriorityTopic`, `PriorityPoll`, `PriorityAck`, `PriorityNack`,
 //! `PriorityExtendLease`, `ReplayDlq` (`ProduceLane` is a produce to the lane topic).
 //!
-//! Polls open a priority cursor and keep it in [`Shared::priority_cursors`], so leases live
-//! from one request to the next; ack, nack and extension use the open cursor (a cursor that
-//! is not open holds no lease). Poll, ack, nack and replay may write (and fsync) the cursor
-//! state or the logs, so they run on the blocking pool.
+//! `PriorityOpen`, `PriorityClose`.
+//!
+//! `PriorityOpen` or the first poll opens a priority cursor and keeps it in
+//! [`Shared::priority_cursors`], so leases live from one request to the next; ack, nack and
+//! extension use the open cursor (a cursor that is not open holds no lease). A cursor stays
+//! open until `PriorityClose`, or until [`close_idle`] finds it unused for a while with no
+//! lease held. Poll, ack, nack and replay may write (and fsync) the cursor state or the
+//! logs, so they run on the blocking pool.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rill_engine::{Delivery, PriorityCursor, PriorityCursorConfig, StoredRecord};
 
 use super::{blocking, topics, Shared};
 use crate::error::Result;
-use crate::messages::{LeaseRef, PriorityCursorSettings, PriorityDelivery, Response, TopicSettings};
+use crate::messages::{
+    LeaseRef, PriorityCursorOptions, PriorityCursorSettings, PriorityDelivery, Response, TopicSettings,
+};
+
+/// A priority cursor the server keeps open, and when a request last used it.
+#[derive(Debug)]
+pub struct OpenCursor {
+    cursor: Arc<PriorityCursor>,
+    last_used: Mutex<Instant>,
+}
+
+impl OpenCursor {
+    fn touch(&self) -> Arc<PriorityCursor> {
+        *self.last_used.lock() = Instant::now();
+        Arc::clone(&self.cursor)
+    }
+}
+
+/// The open priority cursors, by (topic, cursor name).
+pub type OpenCursors = Mutex<BTreeMap<(String, String), OpenCursor>>;
 
 /// Creates a priority topic, filling unset settings from the server's topic defaults.
 pub async fn create(shared: &Arc<Shared>, name: String, lanes: u8, settings: TopicSettings) -> Result<Response> {
@@ -20,6 +46,10 @@ pub async fn create(shared: &Arc<Shared>, name: String, lanes: u8, settings: Top
     let store = Arc::clone(&shared.store);
     blocking(move || Ok(store.create_priority_topic(&name, lanes, config).map(drop)?)).await?;
     Ok(Response::Empty)
+}
+
+fn is_unset(settings: &PriorityCursorSettings) -> bool {
+    settings == &PriorityCursorSettings::default()
 }
 
 fn cursor_config(settings: &PriorityCursorSettings) -> PriorityCursorConfig {
@@ -42,7 +72,58 @@ fn cursor_config(settings: &PriorityCursorSettings) -> PriorityCursorConfig {
     config
 }
 
-/// Opens (or reuses) a cursor and leases up to `max` messages.
+/// The open cursor `topic`/`cursor`, opened with `config` if it is not open. `None` for
+/// `config` accepts whatever configuration an open cursor has (and opens with the defaults);
+/// otherwise an open cursor with another configuration is `InvalidConfig`.
+fn open_with(
+    shared: &Shared,
+    topic: &str,
+    cursor: &str,
+    config: Option<PriorityCursorConfig>,
+) -> Result<Arc<PriorityCursor>> {
+    let mut cursors = shared.priority_cursors.lock();
+    let key = (topic.to_string(), cursor.to_string());
+    let open = match cursors.get(&key) {
+        Some(open) => open.touch(),
+        None => {
+            let config = config.clone().unwrap_or_default();
+            let open = shared.store.priority_cursor(topic, cursor, config)?;
+            let entry = OpenCursor { cursor: Arc::clone(&open), last_used: Mutex::new(Instant::now()) };
+            cursors.insert(key, entry);
+            open
+        }
+    };
+    if config.is_some_and(|c| open.config() != &c) {
+        return Err(rill_engine::Error::InvalidConfig {
+            reason: format!("priority cursor {cursor} of {topic} is open with another configuration"),
+        }
+        .into());
+    }
+    Ok(open)
+}
+
+/// Opens a cursor with every setting given (no-op if it is open with the same ones).
+pub async fn open(
+    shared: &Arc<Shared>,
+    topic: String,
+    cursor: String,
+    options: PriorityCursorOptions,
+) -> Result<Response> {
+    let config = options.to_config();
+    let shared = Arc::clone(shared);
+    blocking(move || open_with(&shared, &topic, &cursor, Some(config)).map(|_| Response::Empty)).await
+}
+
+/// Closes an open cursor: its leases are dropped (their messages are delivered again by the
+/// next instance, without counting as failures). Closing a cursor that is not open is a
+/// no-op.
+pub fn close(shared: &Shared, topic: String, cursor: String) -> Response {
+    shared.priority_cursors.lock().remove(&(topic, cursor));
+    Response::Empty
+}
+
+/// Opens (or reuses) a cursor and leases up to `max` messages. A poll without settings
+/// uses the open cursor whatever its configuration.
 pub async fn poll(
     shared: &Arc<Shared>,
     topic: String,
@@ -50,31 +131,42 @@ pub async fn poll(
     max: u32,
     settings: PriorityCursorSettings,
 ) -> Result<Response> {
-    let config = cursor_config(&settings);
+    let config = (!is_unset(&settings)).then(|| cursor_config(&settings));
     let shared = Arc::clone(shared);
     blocking(move || {
-        let open = {
-            let mut cursors = shared.priority_cursors.lock();
-            let key = (topic.clone(), cursor.clone());
-            match cursors.get(&key) {
-                Some(open) => Arc::clone(open),
-                None => {
-                    let open = shared.store.priority_cursor(&topic, &cursor, config.clone())?;
-                    cursors.insert(key, Arc::clone(&open));
-                    open
-                }
-            }
-        };
-        if open.config() != &config {
-            return Err(rill_engine::Error::InvalidConfig {
-                reason: format!("priority cursor {cursor} of {topic} is open with another configuration"),
-            }
-            .into());
-        }
+        let open = open_with(&shared, &topic, &cursor, config)?;
         let deliveries = open.poll(max as usize)?;
         Ok(Response::PriorityDeliveries(deliveries.into_iter().map(to_wire).collect()))
     })
     .await
+}
+
+/// Closes the cursors no request used for `idle` that hold no lease (expired leases are
+/// reclaimed first, as the next poll would). Returns how many were closed. Blocking: call
+/// it off the async workers.
+pub fn close_idle(shared: &Shared, idle: Duration) -> usize {
+    let candidates: Vec<((String, String), Arc<PriorityCursor>)> = shared
+        .priority_cursors
+        .lock()
+        .iter()
+        .filter(|(_, open)| open.last_used.lock().elapsed() >= idle)
+        .map(|(key, open)| (key.clone(), Arc::clone(&open.cursor)))
+        .collect();
+    let mut closed = 0;
+    for (key, cursor) in candidates {
+        if let Err(e) = cursor.tick() {
+            tracing::warn!(topic = %key.0, cursor = %key.1, %e, "reclaiming expired leases of an idle cursor failed");
+            continue;
+        }
+        let mut cursors = shared.priority_cursors.lock();
+        // Still idle (no request came in meanwhile) and no lease held: close it.
+        let idle_now = cursors.get(&key).is_some_and(|open| open.last_used.lock().elapsed() >= idle);
+        if idle_now && cursor.in_flight() == 0 {
+            cursors.remove(&key);
+            closed += 1;
+        }
+    }
+    closed
 }
 
 fn to_wire(d: Delivery) -> PriorityDelivery {
@@ -108,7 +200,7 @@ fn delivery_of(lease: &LeaseRef) -> Delivery {
 fn open_cursor(shared: &Shared, topic: &str, cursor: &str, lease: &LeaseRef) -> Result<Arc<PriorityCursor>> {
     let cursors = shared.priority_cursors.lock();
     match cursors.get(&(topic.to_string(), cursor.to_string())) {
-        Some(open) => Ok(Arc::clone(open)),
+        Some(open) => Ok(open.touch()),
         None => Err(rill_engine::Error::LeaseNotHeld {
             topic: topic.to_string(),
             lane: lease.lane,
