@@ -276,22 +276,32 @@ fn concurrent_acks_are_group_committed_and_durable() {
     }
 }
 
-/// A damaged checkpoint makes the cursor refuse to open (`Error::Corrupt`), never guess.
+/// A damaged checkpoint makes the cursor refuse to open (`Error::Corrupt`), never guess;
+/// a damaged newest slot falls back to the state before it (the last ack is redelivered,
+/// nothing is skipped).
 #[test]
 fn damaged_checkpoint_is_refused() {
     let dir = tempdir();
     let clock = Arc::new(ManualClock::new(START_MS));
     let store = open(dir.path(), &clock);
     store.create_priority_topic("jobs", 1, topic_config(1)).expect("create");
-    produce(&store, 0, &["m"]);
+    produce(&store, 0, &["m", "n"]);
     let cursor = store.priority_cursor("jobs", "c", cursor_config()).expect("cursor");
-    let d = cursor.poll(1).expect("poll").pop().expect("one");
-    cursor.ack(&d).expect("ack");
+    let polled = cursor.poll(2).expect("poll");
+    cursor.ack(&polled[0]).expect("ack m"); // sequence 1, slot 1
+    cursor.ack(&polled[1]).expect("ack n"); // sequence 2, slot 0
     drop(cursor);
     let path = dir.path().join("cursors").join("jobs").join("c.cursor");
     let mut bytes = std::fs::read(&path).expect("checkpoint exists");
-    bytes[20] ^= 1;
-    std::fs::write(&path, &bytes).expect("damage");
+    let slot = bytes.len() / 2;
+    bytes[40] ^= 1;
+    std::fs::write(&path, &bytes).expect("damage the newest slot");
+    let cursor = store.priority_cursor("jobs", "c", cursor_config()).expect("older slot");
+    let again = cursor.poll(2).expect("poll");
+    assert_eq!(again.iter().map(|d| d.offset).collect::<Vec<_>>(), vec![1], "only the ack in the damaged slot is lost");
+    drop(cursor);
+    bytes[slot + 40] ^= 1;
+    std::fs::write(&path, &bytes).expect("damage both slots");
     assert!(matches!(store.priority_cursor("jobs", "c", cursor_config()), Err(Error::Corrupt { .. })));
 }
 

@@ -2,7 +2,7 @@
 //! checkpoint. The contract is in the parent module's docs.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -11,11 +11,12 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use super::dlq::{dead_letter_record, DeadLetter};
 use super::schedule::{LaneScheduler, LANES};
 use super::state::{self, CursorState, Failure, QueueState};
+use super::state_file::StateFile;
 use super::{PriorityCursorConfig, PriorityTopic};
 use crate::config::Clock;
 use crate::error::{Error, Result};
 use crate::format::{Compression, StoredRecord};
-use crate::io::{OpenMode, Storage};
+use crate::io::Storage;
 use crate::limits::{PRIORITY_CURSOR_WINDOW_MAX, PRIORITY_LEASE_EXTENSION_MS_MAX};
 use crate::log::partition::Partition;
 
@@ -138,7 +139,8 @@ pub struct PriorityCursor {
     topic: PriorityTopic,
     config: PriorityCursorConfig,
     env: Environment,
-    path: PathBuf,
+    /// Written only by the caller that set `Inner::writing`.
+    file: Mutex<StateFile>,
     inner: Mutex<Inner>,
     written: Condvar,
 }
@@ -157,7 +159,8 @@ impl PriorityCursor {
             env.storage.sync_dir(&env.store_dir.join(CURSORS_DIR))?;
             env.storage.sync_dir(&env.store_dir)?;
         }
-        let state = match load_state(&*env.storage, &path)? {
+        let (file, loaded) = StateFile::open(&*env.storage, &path)?;
+        let state = match loaded {
             Some(state) => state,
             None => CursorState::new(topic.lane_count(), topic.partitions()),
         };
@@ -185,7 +188,8 @@ impl PriorityCursor {
             failed: None,
         };
         let (inner, written) = (Mutex::new(inner), Condvar::new());
-        Ok(PriorityCursor { name: name.to_string(), topic, config, env, path, inner, written })
+        let file = Mutex::new(file);
+        Ok(PriorityCursor { name: name.to_string(), topic, config, env, file, inner, written })
     }
 
     /// The cursor's name.
@@ -568,8 +572,7 @@ impl PriorityCursor {
         inner.writing = true;
         let generation = inner.changed_generation;
         let bytes = state::encode(&inner.state);
-        let result =
-            MutexGuard::unlocked(inner, || crate::io::write_atomically(&*self.env.storage, &self.path, &bytes));
+        let result = MutexGuard::unlocked(inner, || self.file.lock().write(&*self.env.storage, &bytes));
         inner.writing = false;
         match result {
             Ok(()) => inner.written_generation = inner.written_generation.max(generation),
@@ -682,25 +685,6 @@ fn build_queues(topic: &PriorityTopic, state: &CursorState) -> Result<Vec<Queue>
         }
     }
     Ok(queues)
-}
-
-fn load_state(storage: &dyn Storage, path: &Path) -> Result<Option<CursorState>> {
-    if !storage.exists(path) {
-        return Ok(None);
-    }
-    let file = storage.open(path, OpenMode::ReadWrite)?;
-    let len = usize::try_from(file.len()?).map_err(|e| Error::Corrupt {
-        path: path.to_path_buf(),
-        pos: 0,
-        reason: format!("file length does not fit in memory: {e}"),
-    })?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, 0)?;
-    state::decode(&buf).map(Some).map_err(|e| Error::Corrupt {
-        path: path.to_path_buf(),
-        pos: 0,
-        reason: e.to_string(),
-    })
 }
 
 fn read_one(partition: &Partition, offset: u64) -> Result<Option<StoredRecord>> {

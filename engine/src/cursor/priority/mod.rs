@@ -50,10 +50,10 @@
 //!
 //! * Durable state, per lane partition: the committed offset (everything below is
 //!   settled), the settled offsets above it, and for each message that failed at least once
-//!   its failure count, `visible_at` and first/last failure times. It is written atomically
-//!   (`<store>/cursors/<topic>/<cursor>.cursor`, "Priority cursor state v1" in
-//!   `docs/format.md`) before `ack`, `nack` or a poll that reclaimed expired leases returns;
-//!   concurrent callers share one write (group commit).
+//!   its failure count, `visible_at` and first/last failure times. It is written durably
+//!   (`<store>/cursors/<topic>/<cursor>.cursor`, two slots overwritten in place alternately:
+//!   "Priority cursor state file v2" in `docs/format.md`) before `ack`, `nack` or a poll that
+//!   reclaimed expired leases returns; concurrent callers share one write (group commit).
 //! * After a crash and reopen: no acked or dead-lettered message is delivered again, and
 //!   every other message is delivered again. Leases are not durable: a message leased at
 //!   the crash is redelivered, and the delivery that was in flight does not count toward
@@ -77,6 +77,7 @@ mod cursor;
 pub mod dlq;
 pub mod schedule;
 pub mod state;
+pub mod state_file;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
