@@ -128,7 +128,7 @@ pub fn decode_file(bytes: &[u8]) -> Result<(Option<u64>, CursorState)> {
         return Ok((None, state::decode(bytes)?));
     }
     let slot_size = bytes.len() / 2;
-    let sane = bytes.len() % 2 == 0 && slot_size.is_power_of_two() && slot_size >= SLOT_SIZE_MIN;
+    let sane = bytes.len().is_multiple_of(2) && slot_size.is_power_of_two() && slot_size >= SLOT_SIZE_MIN;
     if !sane {
         return Err(Error::malformed(format!("{} bytes is not two priority cursor state slots", bytes.len())));
     }
