@@ -1,7 +1,8 @@
 //! The priority cursor: leases, acks, nacks, retries, dead-lettering and the group-committed
 //! checkpoint. The contract is in the parent module's docs.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +23,8 @@ use crate::log::partition::Partition;
 
 /// Bytes of a lane partition read ahead into memory at once.
 const READ_AHEAD_BYTES: u64 = 256 * 1024;
+/// Most deliveries a poll reserves room for up front.
+const READ_AHEAD_RECORDS_HINT: usize = 4096;
 const CURSORS_DIR: &str = "cursors";
 const LEASE_EXPIRED_REASON: &str = "lease expired";
 
@@ -96,10 +99,94 @@ struct Queue {
     waiting: BTreeSet<(i64, u64)>,
 }
 
+/// Hashes lease keys (queue index, offset): a multiply-rotate mix (the keys are log
+/// positions, not chosen by a remote party) that costs a few cycles, where the default
+/// SipHash would cost more than the rest of an ack.
+#[derive(Debug, Default)]
+struct LeaseKeyHasher(u64);
+
+impl Hasher for LeaseKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+}
+
+type Leases = HashMap<(usize, u64), Lease, BuildHasherDefault<LeaseKeyHasher>>;
+
+/// A lease deadline: (deadline ms, queue index, offset, lease id).
+type DeadlineEntry = (i64, usize, u64, u64);
+
+/// Whether `entry` is the current deadline of a held lease (entries are not removed when a
+/// lease is settled or extended; they go stale instead).
+fn is_live(leases: &Leases, entry: &DeadlineEntry) -> bool {
+    let (deadline_ms, index, offset, lease_id) = *entry;
+    leases.get(&(index, offset)).is_some_and(|l| l.lease_id == lease_id && l.deadline_ms == deadline_ms)
+}
+
+/// Lease deadlines in expiry order. Every lease gets `now + lease_ms`, so deadlines mostly
+/// arrive in order and go to the back of a queue (O(1)); an extension or a clock that
+/// stepped back goes to an ordered set instead. Settled and extended leases leave stale
+/// entries, dropped when they reach the front (acks mostly come in delivery order) or by
+/// a sweep when stale entries outnumber live ones.
+#[derive(Debug, Default)]
+struct Deadlines {
+    in_order: VecDeque<DeadlineEntry>,
+    out_of_order: BTreeSet<DeadlineEntry>,
+}
+
+impl Deadlines {
+    fn push(&mut self, entry: DeadlineEntry) {
+        if self.in_order.back().is_none_or(|back| back.0 <= entry.0) {
+            self.in_order.push_back(entry);
+        } else {
+            self.out_of_order.insert(entry);
+        }
+    }
+
+    /// Removes and returns the earliest entry due at `now_ms` (possibly stale).
+    fn pop_due(&mut self, now_ms: i64) -> Option<DeadlineEntry> {
+        let front = self.in_order.front().copied().filter(|e| e.0 <= now_ms);
+        let first = self.out_of_order.first().copied().filter(|e| e.0 <= now_ms);
+        match (front, first) {
+            (Some(a), Some(b)) if b < a => self.out_of_order.pop_first(),
+            (Some(_), _) => self.in_order.pop_front(),
+            (None, Some(_)) => self.out_of_order.pop_first(),
+            (None, None) => None,
+        }
+    }
+
+    /// Drops stale entries at the front, and sweeps the queue when it holds many more
+    /// entries than there are leases.
+    fn drop_stale(&mut self, leases: &Leases) {
+        while self.in_order.front().is_some_and(|e| !is_live(leases, e)) {
+            self.in_order.pop_front();
+        }
+        if self.in_order.len() > 2 * leases.len() + 1_024 {
+            self.in_order.retain(|e| is_live(leases, e));
+        }
+        if self.out_of_order.len() > 2 * leases.len() + 1_024 {
+            self.out_of_order.retain(|e| is_live(leases, e));
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Lease {
     deadline_ms: i64,
-    record: StoredRecord,
     lease_id: u64,
 }
 
@@ -122,8 +209,8 @@ struct Candidate {
 struct Inner {
     state: CursorState,
     queues: Vec<Queue>,
-    leases: BTreeMap<(usize, u64), Lease>,
-    deadlines: BTreeSet<(i64, usize, u64)>,
+    leases: Leases,
+    deadlines: Deadlines,
     scheduler: LaneScheduler,
     /// Bumped by every change of `state`; a write covers the generation it encoded.
     changed_generation: u64,
@@ -179,8 +266,8 @@ impl PriorityCursor {
         let inner = Inner {
             state,
             queues,
-            leases: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
+            leases: HashMap::default(),
+            deadlines: Deadlines::default(),
             scheduler,
             changed_generation: 0,
             written_generation: 0,
@@ -231,18 +318,9 @@ impl PriorityCursor {
         let mut inner = self.inner.lock();
         self.check_poisoned(&inner)?;
         let reclaimed = self.expire_leases(&mut inner, now_ms);
-        let room = (self.config.max_in_flight as usize).saturating_sub(inner.leases.len());
-        let mut deliveries = Vec::new();
-        let delivered = loop {
-            if deliveries.len() >= max.min(room) {
-                break Ok(());
-            }
-            match self.deliver_next(&mut inner, now_ms) {
-                Ok(Some(delivery)) => deliveries.push(delivery),
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
+        let limit = max.min((self.config.max_in_flight as usize).saturating_sub(inner.leases.len()));
+        let mut deliveries = Vec::with_capacity(limit.min(READ_AHEAD_RECORDS_HINT));
+        let delivered = if limit > 0 { self.deliver(&mut inner, now_ms, limit, &mut deliveries) } else { Ok(()) };
         if inner.changed_generation > inner.written_generation {
             self.commit_changes(&mut inner)?;
         }
@@ -297,7 +375,8 @@ impl PriorityCursor {
         let mut inner = self.inner.lock();
         self.check_poisoned(&inner)?;
         let (index, lease) = self.take_lease(&mut inner, delivery)?;
-        let failed = self.fail(&mut inner, index, lease.record, now_ms, delay_ms, reason);
+        let failed = self.fail(&mut inner, index, delivery.offset, now_ms, delay_ms, reason);
+        drop(lease);
         let committed = self.commit_changes(&mut inner);
         failed.and(committed)
     }
@@ -320,12 +399,12 @@ impl PriorityCursor {
         let index = self.queue_index(delivery.lane, delivery.partition)?;
         let key = (index, delivery.offset);
         let held = inner.leases.get(&key).filter(|l| l.lease_id == delivery.lease_id && l.deadline_ms > now_ms);
-        let Some(old_deadline_ms) = held.map(|l| l.deadline_ms) else {
+        if held.is_none() {
             return Err(self.lease_not_held(delivery));
-        };
+        }
         let deadline_ms = now_ms.saturating_add(i64::try_from(extra_ms).expect("extra_ms ≤ 1 hour"));
-        inner.deadlines.remove(&(old_deadline_ms, index, delivery.offset));
-        inner.deadlines.insert((deadline_ms, index, delivery.offset));
+        // The entry of the old deadline goes stale (it no longer matches the lease).
+        inner.deadlines.push((deadline_ms, index, delivery.offset, delivery.lease_id));
         inner.leases.get_mut(&key).expect("checked just above").deadline_ms = deadline_ms;
         Ok(Delivery { lease_deadline_ms: deadline_ms, ..delivery.clone() })
     }
@@ -336,6 +415,10 @@ impl PriorityCursor {
         let now_ms = self.env.clock.now_ms();
         let inner = self.inner.lock();
         let mut lanes = vec![LaneStats::default(); usize::from(self.topic.lane_count())];
+        let mut leased_by_queue = vec![0u64; inner.queues.len()];
+        for (index, _) in inner.leases.keys() {
+            leased_by_queue[*index] += 1;
+        }
         let mut oldest: Vec<Option<i64>> = vec![None; lanes.len()];
         for (index, queue) in inner.queues.iter().enumerate() {
             let queue_state = &inner.state.queues[index];
@@ -343,7 +426,7 @@ impl PriorityCursor {
             let stats = &mut lanes[lane];
             let end = queue.partition.end_offset().max(queue_state.committed);
             let unsettled = end - queue_state.committed - queue_state.settled.range(..end).count() as u64;
-            let leased = inner.leases.range((index, 0)..=(index, u64::MAX)).count() as u64;
+            let leased = leased_by_queue[index];
             let waiting = queue.waiting.iter().filter(|(visible_at_ms, _)| *visible_at_ms > now_ms).count() as u64;
             stats.in_flight += leased;
             stats.waiting += waiting;
@@ -401,7 +484,8 @@ impl PriorityCursor {
             return Err(self.lease_not_held(delivery));
         }
         let lease = inner.leases.remove(&key).expect("checked just above");
-        inner.deadlines.remove(&(lease.deadline_ms, index, delivery.offset));
+        let Inner { deadlines, leases, .. } = inner;
+        deadlines.drop_stale(leases);
         Ok((index, lease))
     }
 
@@ -409,13 +493,12 @@ impl PriorityCursor {
     /// append (the message is retried later) and reports the first such error.
     fn expire_leases(&self, inner: &mut Inner, now_ms: i64) -> Result<()> {
         let mut first_error = Ok(());
-        while let Some(&(deadline_ms, index, offset)) = inner.deadlines.first() {
-            if deadline_ms > now_ms {
-                break;
+        while let Some(entry @ (_, index, offset, _)) = inner.deadlines.pop_due(now_ms) {
+            if !is_live(&inner.leases, &entry) {
+                continue;
             }
-            inner.deadlines.pop_first();
-            let lease = inner.leases.remove(&(index, offset)).expect("every deadline has its lease");
-            if let Err(e) = self.fail(inner, index, lease.record, now_ms, None, LEASE_EXPIRED_REASON) {
+            inner.leases.remove(&(index, offset));
+            if let Err(e) = self.fail(inner, index, offset, now_ms, None, LEASE_EXPIRED_REASON) {
                 if first_error.is_ok() {
                     first_error = Err(e);
                 }
@@ -430,12 +513,11 @@ impl PriorityCursor {
         &self,
         inner: &mut Inner,
         index: usize,
-        record: StoredRecord,
+        offset: u64,
         now_ms: i64,
         delay_ms: Option<u64>,
         reason: &str,
     ) -> Result<()> {
-        let offset = record.offset;
         let queue_state = &mut inner.state.queues[index];
         if queue_state.is_settled(offset) {
             // Retention skipped it while it was leased.
@@ -449,7 +531,12 @@ impl PriorityCursor {
         inner.changed_generation += 1;
         let mut outcome = Ok(());
         if failure.failures >= self.config.max_deliveries {
-            outcome = self.dead_letter(inner, index, &record, &failure, reason);
+            // Leases do not keep their record (it is read again only on this rare path).
+            outcome = match read_one(&inner.queues[index].partition, offset) {
+                Ok(Some(record)) => self.dead_letter(inner, index, &record, &failure, reason),
+                Ok(None) => Ok(()), // retention deleted it: nothing left to dead-letter
+                Err(e) => Err(e),
+            };
             if outcome.is_ok() {
                 inner.state.queues[index].settle(offset);
                 return Ok(());
@@ -489,26 +576,31 @@ impl PriorityCursor {
         dlq.append_records(&[dead_letter_record(record, &letter)], Compression::None)?.wait().map(drop)
     }
 
-    /// Chooses and leases the next message, or `None` when nothing is ready.
-    fn deliver_next(&self, inner: &mut Inner, now_ms: i64) -> Result<Option<Delivery>> {
+    /// Chooses and leases messages one by one until `limit` are in `out` or nothing is
+    /// ready. A lane partition's candidate depends only on its own queue (and on `now_ms`,
+    /// fixed for the call), so only the queue just delivered from is looked at again.
+    fn deliver(&self, inner: &mut Inner, now_ms: i64, limit: usize, out: &mut Vec<Delivery>) -> Result<()> {
+        let mut candidates =
+            (0..inner.queues.len()).map(|index| inner.candidate(index, now_ms)).collect::<Result<Vec<_>>>()?;
         // Each round either delivers or settles a retry whose record retention deleted, so
         // the rounds are bounded by the window.
-        loop {
+        while out.len() < limit {
             let mut best: [Option<Candidate>; LANES] = [None; LANES];
-            for index in 0..inner.queues.len() {
-                let Some(candidate) = inner.candidate(index, now_ms)? else { continue };
-                let lane = usize::from(inner.queues[index].lane);
+            for candidate in candidates.iter().flatten() {
+                let lane = usize::from(inner.queues[candidate.queue].lane);
                 if best[lane].is_none_or(|b| candidate.ready_since_ms < b.ready_since_ms) {
-                    best[lane] = Some(candidate);
+                    best[lane] = Some(*candidate);
                 }
             }
             let oldest = best.map(|c| c.map(|c| c.ready_since_ms));
-            let Some(lane) = inner.scheduler.pick(now_ms, &oldest) else { return Ok(None) };
+            let Some(lane) = inner.scheduler.pick(now_ms, &oldest) else { return Ok(()) };
             let candidate = best[usize::from(lane)].expect("the scheduler picks a lane with a candidate");
             if let Some(delivery) = self.lease(inner, candidate, now_ms)? {
-                return Ok(Some(delivery));
+                out.push(delivery);
             }
+            candidates[candidate.queue] = inner.candidate(candidate.queue, now_ms)?;
         }
+        Ok(())
     }
 
     fn lease(&self, inner: &mut Inner, candidate: Candidate, now_ms: i64) -> Result<Option<Delivery>> {
@@ -536,18 +628,19 @@ impl PriorityCursor {
         let deadline_ms = now_ms.saturating_add(i64::try_from(self.config.lease_ms).expect("lease_ms ≤ 1 day"));
         let lease_id = NEXT_LEASE_ID.fetch_add(1, Ordering::Relaxed);
         let queue = &inner.queues[index];
+        let offset = record.offset;
+        inner.deadlines.push((deadline_ms, index, offset, lease_id));
+        inner.leases.insert((index, offset), Lease { deadline_ms, lease_id });
         let delivery = Delivery {
             lane: queue.lane,
             partition: queue.partition.id(),
-            offset: record.offset,
-            record: record.clone(),
+            offset,
+            record,
             delivery_count,
             lease_deadline_ms: deadline_ms,
             ready_since_ms: candidate.ready_since_ms,
             lease_id,
         };
-        inner.deadlines.insert((deadline_ms, index, record.offset));
-        inner.leases.insert((index, record.offset), Lease { deadline_ms, record, lease_id });
         Ok(Some(delivery))
     }
 

@@ -50,17 +50,16 @@ impl LaneScheduler {
     /// Picks the lane of the next delivery, or `None` when no lane has a ready message.
     /// `oldest_ready_since_ms[k]` is since when lane k's oldest ready message has been ready.
     pub(crate) fn pick(&mut self, now_ms: i64, oldest_ready_since_ms: &[Option<i64>; LANES]) -> Option<u8> {
-        let levels: Vec<Option<u8>> = (0..self.lanes)
-            .map(|k| {
-                oldest_ready_since_ms[k].map(|since| {
-                    let waited_ms = u64::try_from(now_ms.saturating_sub(since)).unwrap_or(0);
-                    effective_lane(k as u8, waited_ms, self.aging_ms)
-                })
-            })
-            .collect();
+        let mut levels: [Option<u8>; LANES] = [None; LANES];
+        for (k, level) in levels.iter_mut().enumerate().take(self.lanes) {
+            *level = oldest_ready_since_ms[k].map(|since| {
+                let waited_ms = u64::try_from(now_ms.saturating_sub(since)).unwrap_or(0);
+                effective_lane(k as u8, waited_ms, self.aging_ms)
+            });
+        }
         let most_urgent = levels.iter().flatten().min().copied()?;
         let mut chosen: Option<usize> = None;
-        for (k, level) in levels.iter().enumerate() {
+        for (k, level) in levels.iter().enumerate().take(self.lanes) {
             if *level != Some(most_urgent) {
                 continue;
             }

@@ -101,7 +101,14 @@ impl QueueState {
         if offset < self.committed {
             return;
         }
-        self.failed.remove(&offset);
+        if !self.failed.is_empty() {
+            self.failed.remove(&offset);
+        }
+        if offset == self.committed && self.settled.is_empty() {
+            // The common case, acks in order: no set to maintain.
+            self.committed += 1;
+            return;
+        }
         self.settled.insert(offset);
         while self.settled.remove(&self.committed) {
             self.committed += 1;
