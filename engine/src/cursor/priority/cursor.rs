@@ -374,9 +374,8 @@ impl PriorityCursor {
         let now_ms = self.env.clock.now_ms();
         let mut inner = self.inner.lock();
         self.check_poisoned(&inner)?;
-        let (index, lease) = self.take_lease(&mut inner, delivery)?;
+        let (index, _lease) = self.take_lease(&mut inner, delivery)?;
         let failed = self.fail(&mut inner, index, delivery.offset, now_ms, delay_ms, reason);
-        drop(lease);
         let committed = self.commit_changes(&mut inner);
         failed.and(committed)
     }
