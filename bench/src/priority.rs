@@ -29,6 +29,8 @@ use rill_engine::{FsyncPolicy, PriorityCursorConfig, Record, Store, StoreConfig,
 use crate::summary::{fmt, median, runs_note, Result, Sink};
 
 const BENCH: &str = "priority";
+/// Most deliveries the latency runs' acking thread settles with one `ack_many`.
+const LATENCY_ACK_BATCH_MAX: usize = 1_024;
 
 /// Options of `rill-bench priority`.
 #[derive(Args, Clone, Debug)]
@@ -112,8 +114,13 @@ fn latency_run(dir: &Path, args: &PriorityArgs, flood: bool) -> Result<LatencyRu
         let cursor = Arc::clone(&cursor);
         std::thread::spawn(move || -> Result<()> {
             while let Ok(first) = acks.recv() {
+                // Acks that queued up during the last write share the next one, up to a
+                // bound that keeps the cursor's lock from being held long.
                 let mut batch = first;
-                batch.extend(acks.try_iter().flatten());
+                while batch.len() < LATENCY_ACK_BATCH_MAX {
+                    let Ok(more) = acks.try_recv() else { break };
+                    batch.extend(more);
+                }
                 cursor.ack_many(&batch)?;
             }
             Ok(())

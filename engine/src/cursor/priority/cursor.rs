@@ -21,8 +21,10 @@ use crate::io::Storage;
 use crate::limits::{PRIORITY_CURSOR_WINDOW_MAX, PRIORITY_LEASE_EXTENSION_MS_MAX};
 use crate::log::partition::Partition;
 
-/// Bytes of a lane partition read ahead into memory at once.
-const READ_AHEAD_BYTES: u64 = 256 * 1024;
+/// Bytes of a lane partition read ahead into memory at once. Decoding is done under the
+/// cursor's lock, so this bounds how long one poll can keep a more urgent delivery waiting
+/// (64 KiB of small records decode in well under a millisecond).
+const READ_AHEAD_BYTES: u64 = 64 * 1024;
 /// Most deliveries a poll reserves room for up front.
 const READ_AHEAD_RECORDS_HINT: usize = 4096;
 const CURSORS_DIR: &str = "cursors";
