@@ -67,7 +67,8 @@ fn ok(addr: &str, args: &[&str], stdin: &str) -> String {
 /// `RILL_ADDR` pointing at it: `topic create` with 3 partitions, `produce --key` fed two
 /// lines on stdin, `consume --from-beginning` printing exactly those lines, `topic describe`
 /// showing end offset 2 in the key's partition and 0 elsewhere, a group consumer that
-/// commits as it goes (bounded with `--max`) and then has nothing left, and after a SIGTERM
+/// commits as it goes (bounded with `--max`) and then has nothing left, the same as a group
+/// member (`--join`), and after a SIGTERM
 /// shutdown `rill inspect` reporting a clean, undamaged store with exit status 0.
 #[test]
 fn readme_quick_start() {
@@ -102,6 +103,9 @@ fn readme_quick_start() {
     let group = ["consume", "events", "--group", "billing", "--follow", "--max", "2"];
     assert_eq!(ok(addr, &group, ""), "hello\nworld\n", "the group reads from the start");
     assert_eq!(ok(addr, &["consume", "events", "--group", "billing"], ""), "", "its position was committed");
+    let member = ["consume", "events", "--group", "workers", "--join", "--follow", "--max", "2"];
+    assert_eq!(ok(addr, &member, ""), "hello\nworld\n", "a sole member is assigned every partition");
+    assert_eq!(ok(addr, &["consume", "events", "--group", "workers"], ""), "", "the member committed before leaving");
 
     let status = server.terminate();
     assert!(status.success(), "rill serve exits 0 on SIGTERM: {status}\n{}", server.log());
