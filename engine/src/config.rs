@@ -166,8 +166,11 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
+        // `RILL_IO_BACKEND=uring` runs a store on io_uring (falling back to the standard
+        // calls where the kernel refuses it); see `io::Backend::from_env`.
+        let storage = crate::io::Backend::from_env().storage().unwrap_or_else(|_| Arc::new(StdStorage));
         StoreConfig {
-            storage: Arc::new(StdStorage),
+            storage,
             clock: Arc::new(SystemClock),
             retention_check_interval_ms: Some(30_000),
             producer_id_expiration_ms: DAY_MS,

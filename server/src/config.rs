@@ -93,6 +93,9 @@ pub struct ServerConfig {
     /// A priority cursor no request used for this long, holding no lease, is closed (its
     /// state is on disk; the next poll opens it again).
     pub priority_cursor_idle_close_ms: u64,
+    /// File I/O backend: `std` (system calls) or `uring` (io_uring; falls back to `std`
+    /// with a warning where the kernel refuses it).
+    pub io_backend: String,
     /// Defaults for new topics.
     pub topic_defaults: TopicDefaults,
 }
@@ -109,6 +112,7 @@ impl Default for ServerConfig {
             server_inflight_bytes_max: SERVER_INFLIGHT_BYTES_MAX,
             shutdown_timeout_ms: 10_000,
             priority_cursor_idle_close_ms: 60_000,
+            io_backend: "std".into(),
             topic_defaults: TopicDefaults::default(),
         }
     }
@@ -144,6 +148,9 @@ impl ServerConfig {
         if self.max_connections == 0 {
             return bad("max_connections must be positive".into());
         }
+        if rill_engine::io::Backend::parse(&self.io_backend).is_none() {
+            return bad(format!("io_backend must be \"std\" or \"uring\", not {:?}", self.io_backend));
+        }
         if self.priority_cursor_idle_close_ms == 0 {
             return bad("priority_cursor_idle_close_ms must be positive".into());
         }
@@ -170,5 +177,8 @@ mod tests {
         assert!(ServerConfig::from_toml("lisen = \"x\"").is_err());
         assert!(ServerConfig::from_toml("[topic_defaults]\nfsync = \"sometimes\"").is_err());
         assert!(ServerConfig::from_toml("max_frame_bytes = 0").is_err());
+        assert_eq!(ServerConfig::from_toml("io_backend = \"uring\"").expect("uring").io_backend, "uring");
+        assert!(ServerConfig::from_toml("io_backend = \"aio\"").is_err());
+        assert!(ServerConfig::from_toml("priority_cursor_idle_close_ms = 0").is_err());
     }
 }

@@ -39,7 +39,16 @@ impl ServerHandle {
 pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
     config.validate()?;
     let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, StoreConfig::default()))
+    let backend = rill_engine::io::Backend::parse(&config.io_backend).unwrap_or(rill_engine::io::Backend::Std);
+    let storage = match backend.storage() {
+        Ok(storage) => storage,
+        Err(e) => {
+            tracing::warn!(%e, "io backend {:?} is unavailable; using std", config.io_backend);
+            std::sync::Arc::new(rill_engine::io::StdStorage)
+        }
+    };
+    let store_config = StoreConfig { storage, ..StoreConfig::default() };
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, store_config))
         .await
         .map_err(|e| Error::io("open store", std::io::Error::other(e.to_string())))??;
     let store = Arc::new(store);

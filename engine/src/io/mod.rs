@@ -10,6 +10,11 @@ pub mod fault;
 #[allow(unsafe_code)]
 mod mmap;
 mod std_storage;
+// io_uring submissions point the kernel at caller buffers: `unsafe`, with the invariant (a
+// call returns only after its operations completed) in `uring.rs`.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+mod uring;
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -17,6 +22,8 @@ use std::sync::Arc;
 
 pub use mmap::{MmapBytes, ReadMap, WriteMap};
 pub use std_storage::StdStorage;
+#[cfg(target_os = "linux")]
+pub use uring::UringStorage;
 
 use crate::error::Result;
 
@@ -60,6 +67,12 @@ pub trait StorageFile: Send + Sync + Debug {
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> Result<()>;
     /// Makes the file's data durable (`fdatasync`).
     fn sync_data(&self) -> Result<()>;
+    /// Writes all of `buf` at `pos`, then makes the file's data durable. Backends that can
+    /// submit both at once do (io_uring); the default is the two calls.
+    fn write_all_at_and_sync(&self, buf: &[u8], pos: u64) -> Result<()> {
+        self.write_all_at(buf, pos)?;
+        self.sync_data()
+    }
     /// Current length in bytes.
     fn len(&self) -> Result<u64>;
     /// Truncates or extends the file.
@@ -71,6 +84,48 @@ pub trait StorageFile: Send + Sync + Debug {
     fn map_write(&self) -> Result<WriteMap>;
 }
 
+/// The file I/O backends a store can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `pread`/`pwrite`/`fdatasync` system calls.
+    Std,
+    /// io_uring (Linux), each thread with its own ring; a write and its sync are submitted
+    /// together.
+    Uring,
+}
+
+impl Backend {
+    /// Parses `std` or `uring`.
+    pub fn parse(name: &str) -> Option<Backend> {
+        match name {
+            "std" => Some(Backend::Std),
+            "uring" | "io_uring" => Some(Backend::Uring),
+            _ => None,
+        }
+    }
+
+    /// The backend named by the environment variable `RILL_IO_BACKEND` (`std`, the default,
+    /// or `uring`); used by [`crate::StoreConfig::default`], so the whole test suite can run
+    /// on either backend.
+    pub fn from_env() -> Backend {
+        std::env::var("RILL_IO_BACKEND").ok().as_deref().and_then(Backend::parse).unwrap_or(Backend::Std)
+    }
+
+    /// The storage for this backend, or why it cannot be used here (io_uring refused by the
+    /// kernel or a sandbox). Callers may fall back to [`Backend::Std`].
+    pub fn storage(self) -> Result<Arc<dyn Storage>> {
+        match self {
+            Backend::Std => Ok(Arc::new(StdStorage)),
+            #[cfg(target_os = "linux")]
+            Backend::Uring => Ok(Arc::new(UringStorage::new()?)),
+            #[cfg(not(target_os = "linux"))]
+            Backend::Uring => {
+                Err(crate::error::Error::InvalidConfig { reason: "the io_uring backend exists only on Linux".into() })
+            }
+        }
+    }
+}
+
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
 /// write a temporary file, sync it, rename it over `path`, sync the directory.
 pub fn write_atomically(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<()> {
@@ -79,8 +134,7 @@ pub fn write_atomically(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Res
         storage.remove_file(&tmp)?;
     }
     let file = storage.open(&tmp, OpenMode::CreateNew)?;
-    file.write_all_at(bytes, 0)?;
-    file.sync_data()?;
+    file.write_all_at_and_sync(bytes, 0)?;
     storage.rename(&tmp, path)?;
     let parent = path.parent().expect("a file path has a parent directory");
     storage.sync_dir(parent)

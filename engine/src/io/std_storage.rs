@@ -72,6 +72,11 @@ impl StdFile {
         let file = options.open(path).map_err(|e| Error::io("open", path, e))?;
         Ok(StdFile { file, path: path.to_path_buf() })
     }
+
+    /// The open file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 impl StorageFile for StdFile {

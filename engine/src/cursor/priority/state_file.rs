@@ -87,8 +87,7 @@ impl StateFile {
             Some((file, slot_size)) if needed <= *slot_size => {
                 let slot = encode_slot(*slot_size, sequence, encoded);
                 let offset = (sequence % 2) * *slot_size as u64;
-                file.write_all_at(&slot, offset)?;
-                file.sync_data()?;
+                file.write_all_at_and_sync(&slot, offset)?;
             }
             _ => self.replace(storage, sequence, encoded, needed)?,
         }
