@@ -3,6 +3,10 @@
 # committed seed corpus. Exits non-zero (printing the reproducer) if any target crashes.
 #
 #   fuzz/run.sh [seconds_per_target]     (default 60; CI runs `fuzz/run.sh 45`)
+#   fuzz/run.sh campaign [runs]          (every target to `runs` executions, default 10000000,
+#                                         with no time limit: the published campaign)
+#
+# The summary gives each target's executions and executions per second.
 #
 # Environment: FUZZ_TARGETS="a b" to run a subset; FUZZ_SANITIZER (default address);
 # FUZZ_SCRATCH (default fuzz/target/scratch-corpus) for the working corpora, which are
@@ -14,16 +18,33 @@
 # five targets is a few minutes on 2 cores, so it fits CI's budget; see fuzz/README.md.
 set -euo pipefail
 
-secs="${1:-60}"
-if ! [[ "$secs" =~ ^[0-9]+$ ]] || [ "$secs" -lt 1 ]; then
-    echo "usage: $0 [seconds_per_target]" >&2
-    exit 2
+runs=""
+if [ "${1:-}" = campaign ]; then
+    runs="${2:-10000000}"
+    secs=0
+    if ! [[ "$runs" =~ ^[0-9]+$ ]] || [ "$runs" -lt 1 ]; then
+        echo "usage: $0 campaign [runs_per_target]" >&2
+        exit 2
+    fi
+else
+    secs="${1:-60}"
+    if ! [[ "$secs" =~ ^[0-9]+$ ]] || [ "$secs" -lt 1 ]; then
+        echo "usage: $0 [seconds_per_target] | $0 campaign [runs_per_target]" >&2
+        exit 2
+    fi
+fi
+if [ -n "$runs" ]; then
+    limit=(-runs="$runs")
+    budget="$runs runs"
+else
+    limit=(-max_total_time="$secs")
+    budget="${secs}s"
 fi
 
 fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$fuzz_dir"
 
-targets="${FUZZ_TARGETS:-batch_decode batch_roundtrip segment_recovery topic_meta_decode varint snapshot_decode offsets_decode cursor_state_decode config_parse}"
+targets="${FUZZ_TARGETS:-batch_decode batch_roundtrip segment_recovery topic_meta_decode varint snapshot_decode offsets_decode cursor_state_decode config_parse frame_decode}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 scratch="${FUZZ_SCRATCH:-$fuzz_dir/target/scratch-corpus}"
 triple="$(rustc +nightly -vV | sed -n 's/^host: //p')"
@@ -50,14 +71,20 @@ for target in $targets; do
     # committed seeds never grow.
     cp "$fuzz_dir/corpus/$target/"* "$work/"
     log="$scratch/$target.log"
-    echo "==> $target: ${secs}s"
+    echo "==> $target: $budget"
+    target_start=$SECONDS
     set +e
     "$bin_dir/$target" "$work" \
-        -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+        "${limit[@]}" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
         -artifact_prefix="$artifacts/" >"$log" 2>&1
     rc=$?
     set -e
+    elapsed=$((SECONDS - target_start))
     execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)"
+    rate="?"
+    if [[ "${execs:-}" =~ ^[0-9]+$ ]] && [ "$elapsed" -gt 0 ]; then
+        rate=$((execs / elapsed))
+    fi
     corpus="$(ls "$work" | wc -l)"
     if [ "$rc" -ne 0 ]; then
         tail -n 60 "$log"
@@ -65,14 +92,14 @@ for target in $targets; do
         echo "!!! $target FAILED (exit $rc); reproducer: ${artifact:-<none written, see $log>}"
         [ -n "$artifact" ] && echo "    reproduce: $bin_dir/$target $artifact"
         failed+=("$target")
-        summary+=("$(printf '%-18s FAILED   execs %-10s artifact %s' "$target" "${execs:-?}" "${artifact:-?}")")
+        summary+=("$(printf '%-20s FAILED   execs %-10s exec/s %-8s %5ss  artifact %s' "$target" "${execs:-?}" "$rate" "$elapsed" "${artifact:-?}")")
     else
-        summary+=("$(printf '%-18s ok       execs %-10s corpus %s' "$target" "${execs:-?}" "$corpus")")
+        summary+=("$(printf '%-20s ok       execs %-10s exec/s %-8s %5ss  corpus %s' "$target" "${execs:-?}" "$rate" "$elapsed" "$corpus")")
     fi
 done
 
 echo
-echo "==> summary (${secs}s per target, total $((SECONDS - start)) s)"
+echo "==> summary ($budget per target, total $((SECONDS - start)) s)"
 printf '%s\n' "${summary[@]}"
 if [ "${#failed[@]}" -ne 0 ]; then
     echo "failed targets: ${failed[*]}" >&2

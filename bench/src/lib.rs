@@ -213,6 +213,9 @@ impl StorageFile for TimingFile {
     fn set_len(&self, len: u64) -> rill_engine::Result<()> {
         self.inner.set_len(len)
     }
+    fn allocate(&self, len: u64) -> rill_engine::Result<()> {
+        self.inner.allocate(len)
+    }
     fn map_read(&self) -> rill_engine::Result<ReadMap> {
         self.inner.map_read()
     }

@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rill_engine::format::batch::{BatchBuilder, BatchIter};
@@ -181,6 +183,11 @@ fn append_acked(p: &Partition, count: u64) -> Vec<Acked> {
         .collect()
 }
 
+/// Whether `err` is the file system's "no space left" (ENOSPC), kept as the I/O error's kind.
+fn is_no_space(err: &Error) -> bool {
+    matches!(err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
+}
+
 fn assert_poisoned(p: &Partition) {
     match p.append_records(&batch(0, 9_999), Compression::None) {
         Err(Error::Poisoned { .. }) => {}
@@ -281,7 +288,7 @@ fn failed_write_poisons_and_reopen_recovers_a_clean_prefix() {
 
         let landed = match fault {
             WriteFault::NoSpace => 0,
-            WriteFault::Torn { written_bytes } => written_bytes.min(len),
+            WriteFault::Torn { written_bytes } | WriteFault::ShortNoSpace { written_bytes } => written_bytes.min(len),
         };
         let whole = landed == len;
         let store = Store::open(tmp.path(), plain_config()).expect("reopen");
@@ -304,25 +311,42 @@ fn failed_write_poisons_and_reopen_recovers_a_clean_prefix() {
     }
 }
 
-fn seeds(default_count: u64) -> Vec<u64> {
-    match std::env::var("RILL_FAULT_SEED") {
-        Ok(seed) => vec![seed.parse().expect("RILL_FAULT_SEED is a number")],
-        Err(_) => (0..default_count).collect(),
+/// The seeds a seeded test runs: `RILL_FAULT_SEED=<n>` runs that one seed;
+/// otherwise `RILL_FAULT_SEEDS=<count>` seeds from `RILL_FAULT_SEED_START` (default 0), or the
+/// test's own `default_count` (small, so `cargo test` stays fast; the fault campaign raises it).
+fn seeds(default_count: u64) -> std::ops::Range<u64> {
+    let var = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.trim().parse::<u64>().unwrap_or_else(|_| panic!("{name} is a number, got {v:?}")))
+    };
+    if let Some(seed) = var("RILL_FAULT_SEED") {
+        return seed..seed + 1;
     }
+    let start = var("RILL_FAULT_SEED_START").unwrap_or(0);
+    start..start + var("RILL_FAULT_SEEDS").unwrap_or(default_count)
 }
 
-/// Runs `case(seed)` for every seed; a failure names the seed that replays it.
-fn for_each_seed(default_count: u64, case: impl Fn(u64)) {
-    for seed in seeds(default_count) {
+/// Runs `case(seed)` for every seed of [`seeds`]; a failure names the seed and the command
+/// that replays it alone. Prints how many seeds ran and how long they took.
+fn for_each_seed(test: &str, default_count: u64, case: impl Fn(u64)) {
+    let started = std::time::Instant::now();
+    let seeds = seeds(default_count);
+    let count = seeds.end - seeds.start;
+    for seed in seeds {
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| case(seed))) {
             let message = panic
                 .downcast_ref::<String>()
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("(non-string panic)");
-            panic!("seed {seed} failed (replay with RILL_FAULT_SEED={seed}): {message}");
+            panic!(
+                "seed {seed} failed: {message}\nreplay: RILL_FAULT_SEED={seed} cargo test -p rill-engine --release \
+                 --test fault_storage -- --exact {test} --nocapture"
+            );
         }
     }
+    eprintln!("{test}: {count} seeds passed in {:.1} s", started.elapsed().as_secs_f64());
 }
 
 const WRITERS: u64 = 3;
@@ -356,16 +380,27 @@ fn append_concurrently(p: &Arc<Partition>) -> (Vec<Acked>, Vec<String>) {
     (acked, errors)
 }
 
+/// A crash model drawn from `pick`: drop every unsynced byte, tear each file's unsynced
+/// suffix, or decide every unsynced write on its own (kept, lost as zeros, torn).
+fn crash_mode(pick: u64, seed: u64) -> CrashMode {
+    match pick % 3 {
+        0 => CrashMode::DropUnsynced,
+        1 => CrashMode::TearUnsynced { seed },
+        _ => CrashMode::ScrambleUnsynced { seed },
+    }
+}
+
 /// Power loss at a random point under `fsync = always`, 200 seeds: writers append
 /// concurrently (with small segments, so rolls happen) until a seeded fault (an fsync or a
 /// write failing, torn or for lack of space; or none) stops the log at a random point; then
-/// the store is dropped and a crash drops or tears (seeded) every byte not yet synced.
+/// the store is dropped and a crash drops, tears or scrambles (seeded) every byte not yet
+/// synced. `RILL_FAULT_SEEDS=10000` is the campaign's count.
 /// After reopen every acknowledged record is present exactly once, in order, at its
 /// acknowledged offset, every batch served passes its CRC, and (checked after every cut tail
 /// and for every fourth seed) appends resume and a second reopen changes nothing.
 #[test]
 fn crash_at_a_random_point_keeps_every_acknowledged_record() {
-    for_each_seed(200, |seed| {
+    for_each_seed("crash_at_a_random_point_keeps_every_acknowledged_record", 200, |seed| {
         let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x00c0_ffee;
         let mut next = move || splitmix64(&mut rng);
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -373,7 +408,7 @@ fn crash_at_a_random_point_keeps_every_acknowledged_record() {
         let store = Store::open(tmp.path(), fault_config(&fs)).expect("open");
         store.create_topic(TOPIC, topic_config(FsyncPolicy::Always, 4096)).expect("create topic");
         let p = store.partition(TOPIC, 0).expect("partition");
-        let kind = next() % 4;
+        let kind = next() % 5;
         match kind {
             // Each writer waits for each ack, so there are at least BATCHES_PER_WRITER
             // fsyncs and writers * batches writes: every armed fault fires.
@@ -383,10 +418,14 @@ fn crash_at_a_random_point_keeps_every_acknowledged_record() {
                 fs.fail_write(1 + next() % (WRITERS * BATCHES_PER_WRITER), WriteFault::Torn { written_bytes });
             }
             2 => fs.fail_write(1 + next() % (WRITERS * BATCHES_PER_WRITER), WriteFault::NoSpace),
+            3 => {
+                let written_bytes = (next() % 400) as usize;
+                fs.fail_write(1 + next() % (WRITERS * BATCHES_PER_WRITER), WriteFault::ShortNoSpace { written_bytes });
+            }
             _ => {}
         }
-        let armed = kind != 3;
-        let mode = if next() % 2 == 0 { CrashMode::DropUnsynced } else { CrashMode::TearUnsynced { seed: next() } };
+        let armed = kind != 4;
+        let mode = crash_mode(next(), next());
         let (acked, errors) = append_concurrently(&p);
         if armed {
             assert!(!errors.is_empty(), "the armed fault fired");
@@ -417,12 +456,12 @@ fn crash_at_a_random_point_keeps_every_acknowledged_record() {
 }
 
 /// Power loss under `fsync = never`, 50 seeds: appends are acknowledged unsynced, only
-/// rolls sync (the sealed segment). After a crash that drops (or tears, seeded) the unsynced
+/// rolls sync (the sealed segment). After a crash that drops (or tears or scrambles, seeded) the unsynced
 /// bytes, whatever survives is a prefix of what was written, with whole batches only: all
 /// of the sealed segments, and none of the active one when unsynced bytes are dropped.
 #[test]
 fn crash_under_fsync_never_leaves_a_valid_prefix() {
-    for_each_seed(50, |seed| {
+    for_each_seed("crash_under_fsync_never_leaves_a_valid_prefix", 50, |seed| {
         let mut rng = seed ^ 0x0dd_ba11;
         let tmp = tempfile::tempdir().expect("tempdir");
         let fs = FaultStorage::new();
@@ -445,9 +484,8 @@ fn crash_under_fsync_never_leaves_a_valid_prefix() {
         assert!(active_base > 0, "the writes rolled at least once");
         drop(p);
         drop(store);
-        let drop_all = splitmix64(&mut rng).is_multiple_of(2);
-        let mode =
-            if drop_all { CrashMode::DropUnsynced } else { CrashMode::TearUnsynced { seed: splitmix64(&mut rng) } };
+        let mode = crash_mode(splitmix64(&mut rng), splitmix64(&mut rng));
+        let drop_all = mode == CrashMode::DropUnsynced;
         fs.crash(mode).expect("crash");
 
         let store = Store::open(tmp.path(), plain_config()).expect("reopen after crash");
@@ -464,4 +502,190 @@ fn crash_under_fsync_never_leaves_a_valid_prefix() {
         drop(store);
         check_appends_resume(tmp.path(), &log);
     });
+}
+
+/// ENOSPC from the file layer, with nothing written or after a short write of 1 byte up to
+/// all but one byte of the batch, under each fsync policy: the append fails with
+/// `Error::Io` whose kind is `StorageFull` (the message says "injected fault" and names the
+/// file), nothing new becomes visible, the partition refuses later appends with
+/// `Error::Poisoned` whose cause names the full disk, reads still serve every acknowledged
+/// record, and after reopen the short write's bytes are cut, the acknowledged records are
+/// all there and appends resume at the acknowledged end.
+#[test]
+fn enospc_fails_the_append_with_a_typed_error_and_reopen_resumes() {
+    const ACKED: u64 = 12;
+    let len = encoded_len(0, ACKED);
+    let mut faults = vec![WriteFault::NoSpace];
+    for written_bytes in [1, 17, 61, len / 2, len - 1] {
+        faults.push(WriteFault::ShortNoSpace { written_bytes });
+    }
+    for fsync in [FsyncPolicy::Always, FsyncPolicy::Interval { interval_ms: 5 }, FsyncPolicy::Never] {
+        for &fault in &faults {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let fs = FaultStorage::new();
+            let store = Store::open(tmp.path(), fault_config(&fs)).expect("open");
+            store.create_topic(TOPIC, topic_config(fsync, 1 << 20)).expect("create topic");
+            let p = store.partition(TOPIC, 0).expect("partition");
+            let acked = append_acked(&p, ACKED);
+            let acked_log: Vec<_> = acked.iter().flat_map(Acked::records).collect();
+            let end = p.end_offset();
+
+            fs.fail_write(1, fault);
+            let err = p.append_records(&batch(0, ACKED), Compression::None).expect_err("a full disk fails the append");
+            assert!(is_no_space(&err), "{fsync:?} {fault:?}: a typed ENOSPC error, got {err:?}");
+            let text = err.to_string();
+            assert!(text.contains("injected fault") && text.contains(".log"), "{fault:?}: the message says so: {text}");
+            assert_eq!(p.end_offset(), end, "{fault:?}: nothing new is visible");
+            match p.append_records(&batch(0, 9_999), Compression::None) {
+                Err(Error::Poisoned { cause, .. }) => {
+                    assert!(cause.contains("write") && cause.contains("injected fault"), "the cause is kept: {cause}")
+                }
+                other => panic!("{fault:?}: an append after ENOSPC: expected Error::Poisoned, got {other:?}"),
+            }
+            assert_eq!(read_all(&p), acked_log, "{fault:?}: reads still serve the acknowledged records");
+            drop(p);
+            drop(store);
+
+            let store = Store::open(tmp.path(), plain_config()).expect("reopen after ENOSPC");
+            let p = store.partition(TOPIC, 0).expect("partition");
+            let landed = match fault {
+                WriteFault::ShortNoSpace { written_bytes } => written_bytes as u64,
+                _ => 0,
+            };
+            assert_eq!(p.recovery_report().truncated_bytes, landed, "{fault:?}: the short write is cut");
+            let log = read_all(&p);
+            assert_eq!(log, acked_log, "{fsync:?} {fault:?}: exactly the acknowledged records");
+            drop(p);
+            drop(store);
+            check_appends_resume(tmp.path(), &log);
+        }
+    }
+}
+
+/// An acknowledged append under `fsync = interval`, and when its call returned.
+#[derive(Clone, Debug)]
+struct TimedAck {
+    acked: Acked,
+    returned: Instant,
+}
+
+/// Power loss under `fsync = interval(10 ms)`, 30 seeds (`RILL_FAULT_SEEDS` for more):
+/// writers append without pause (small segments, so rolls happen) and the power is cut
+/// (`FaultStorage::power_cut`) at a seeded instant 5..85 ms in; every later write and sync
+/// fails, then the crash drops, tears or scrambles the unsynced bytes.
+///
+/// The guarantee checked, exactly: an append is lost only if no sync of its segment file
+/// *began* after its call returned and completed before the cut. Every append whose segment
+/// had such a sync is present at its acknowledged offset; what survives is whole batches,
+/// each once, in each writer's order; appends resume after reopen.
+///
+/// And the bound on that window: the flusher syncs the active segment `T` after its previous
+/// sync returned, so the last completed flusher sync began at most `T` + one fsync +
+/// scheduling delay before the cut. The test asserts the window is under `T` + 1 s (a
+/// flusher that stopped syncing fails it) and prints the largest window seen.
+#[test]
+fn crash_under_fsync_interval_loses_only_the_last_interval() {
+    const INTERVAL_MS: u64 = 10;
+    let worst_window = parking_lot::Mutex::new(Duration::ZERO);
+    for_each_seed("crash_under_fsync_interval_loses_only_the_last_interval", 30, |seed| {
+        let mut rng = seed ^ 0x0017_e4a1;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = FaultStorage::new();
+        let store = Store::open(tmp.path(), fault_config(&fs)).expect("open");
+        store
+            .create_topic(TOPIC, topic_config(FsyncPolicy::Interval { interval_ms: INTERVAL_MS }, 4096))
+            .expect("topic");
+        let p = store.partition(TOPIC, 0).expect("partition");
+        let dir = p.dir().to_path_buf();
+        fs.record_syncs();
+        let opened = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let p = Arc::clone(&p);
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut acked = Vec::new();
+                    let mut b = 0;
+                    while !stop.load(Ordering::Relaxed) && b < 9_999 {
+                        match p.append_records(&batch(writer, b), compression(b)).and_then(|h| h.wait()) {
+                            Ok(info) => {
+                                acked.push(TimedAck { acked: Acked::new(info, writer, b), returned: Instant::now() })
+                            }
+                            Err(_) => break,
+                        }
+                        b += 1;
+                    }
+                    acked
+                })
+            })
+            .collect();
+        // The crash instant itself is what is drawn here, so this sleep is the scenario.
+        std::thread::sleep(Duration::from_millis(5 + splitmix64(&mut rng) % 80));
+        let cut = fs.power_cut();
+        stop.store(true, Ordering::Relaxed);
+        let acked: Vec<TimedAck> = writers.into_iter().flat_map(|w| w.join().expect("writer")).collect();
+        drop(p);
+        drop(store);
+        let segment_bases = log_bases(&dir);
+        let mode = crash_mode(splitmix64(&mut rng), splitmix64(&mut rng));
+        fs.crash(mode).expect("crash");
+
+        let syncs: Vec<_> =
+            fs.sync_log().into_iter().filter(|e| e.path.extension().is_some_and(|x| x == "log")).collect();
+        let file_of = |offset: u64| {
+            let base = segment_bases.iter().rev().find(|&&b| b <= offset).expect("a segment holds every offset");
+            dir.join(format!("{base:020}.log"))
+        };
+        let must_survive: Vec<Acked> = acked
+            .iter()
+            .filter(|a| {
+                let file = file_of(a.acked.base_offset);
+                syncs.iter().any(|e| e.path == file && e.started > a.returned)
+            })
+            .map(|a| a.acked.clone())
+            .collect();
+        let last_flush = syncs
+            .iter()
+            .filter(|e| e.thread.as_deref().is_some_and(|t| t.starts_with("rill-flush-")))
+            .map(|e| e.started)
+            .max()
+            .unwrap_or(opened);
+        let window = cut.saturating_duration_since(last_flush);
+        {
+            let mut worst = worst_window.lock();
+            *worst = (*worst).max(window);
+        }
+        assert!(
+            window < Duration::from_millis(INTERVAL_MS + 1000),
+            "the last flusher sync began {window:?} before the cut (interval {INTERVAL_MS} ms)"
+        );
+
+        let store = Store::open(tmp.path(), plain_config()).expect("reopen after crash");
+        let p = store.partition(TOPIC, 0).expect("partition");
+        let log = read_all(&p);
+        check_log(&log, &must_survive);
+        let survivors: Vec<_> =
+            acked.iter().map(|a| a.acked.clone()).filter(|a| a.last_offset < log.len() as u64).collect();
+        check_log(&log, &survivors);
+        drop(p);
+        drop(store);
+        if seed % 4 == 0 {
+            check_appends_resume(tmp.path(), &log);
+        }
+    });
+    eprintln!(
+        "fsync=interval({INTERVAL_MS} ms): largest window between the last completed flusher sync and the cut: {:?}",
+        worst_window.lock()
+    );
+}
+
+/// Base offsets of the `.log` files in `dir`, ascending.
+fn log_bases(dir: &Path) -> Vec<u64> {
+    let mut bases: Vec<u64> = std::fs::read_dir(dir)
+        .expect("list partition")
+        .filter_map(|e| e.expect("entry").file_name().into_string().ok()?.strip_suffix(".log")?.parse().ok())
+        .collect();
+    bases.sort_unstable();
+    bases
 }

@@ -342,7 +342,43 @@ fn config_seeds() {
     assert!(rill_server::config::ServerConfig::from_toml(cases[1].1).is_ok(), "full config seed parses");
 }
 
+/// Request and response frames of several api keys, encoded by the server's own encoders;
+/// one request is also written as `api key + body` for the second half of `frame_decode`.
+fn frame_seeds() {
+    use rill_server::messages::{Request, Response};
+    let join = |parts: Vec<Bytes>| parts.iter().flat_map(|p| p.iter().copied()).collect::<Vec<u8>>();
+    let requests = [
+        ("api_versions", Request::ApiVersions),
+        ("list_topics", Request::ListTopics),
+        ("stats", Request::Stats),
+        ("metadata", Request::Metadata { topics: vec!["events".into(), "orders".into()] }),
+        ("delete_topic", Request::DeleteTopic { name: "events".into() }),
+        ("init_producer_id", Request::InitProducerId { transactional_id: Some("tx-1".into()) }),
+    ];
+    for (name, request) in &requests {
+        write_seed("frame_decode", &format!("request_{name}"), &join(request.encode(42, "seed-client")));
+    }
+    // Two frames back to back.
+    let mut two = join(requests[0].1.encode(1, "a"));
+    two.extend(join(requests[3].1.encode(2, "b")));
+    write_seed("frame_decode", "two_requests", &two);
+    let responses = [
+        ("empty", Response::Empty),
+        ("list_topics", Response::ListTopics(vec!["events".into()])),
+        ("api_versions", Response::ApiVersions(vec![(0, 1, 1), (7, 1, 1)])),
+    ];
+    for (name, response) in &responses {
+        write_seed("frame_decode", &format!("response_{name}"), &join(response.encode(9)));
+    }
+    // api key (LE) + body: a metadata request body.
+    let frame = join(requests[3].1.encode(3, "c"));
+    let mut keyed = 1u16.to_le_bytes().to_vec();
+    keyed.extend_from_slice(&frame[4..]);
+    write_seed("frame_decode", "keyed_metadata_body", &keyed);
+}
+
 fn main() {
+    frame_seeds();
     batch_seeds();
     roundtrip_seeds();
     segment_seeds();

@@ -103,7 +103,9 @@ impl<E: IndexEntry> Index<E> {
         }
         let file = storage.open(path, OpenMode::CreateNew)?;
         let capacity = (capacity_bytes / E::SIZE as u64) as usize;
-        file.set_len((capacity * E::SIZE) as u64)?;
+        // Allocated, not just sized: entries are written through the map, where a full disk
+        // would be a SIGBUS instead of an error.
+        file.allocate((capacity * E::SIZE) as u64)?;
         let map = file.map_write()?;
         Ok(Index { file, path: path.to_path_buf(), map, entries: 0, capacity, _entry: PhantomData })
     }
@@ -207,7 +209,12 @@ impl<E: IndexEntry> Index<E> {
         // The map must not outlive a change of the file's length (io/mmap.rs invariant 3):
         // replace it with an empty one first, then resize, then map again.
         self.map = WriteMap::empty();
-        self.file.set_len(len)?;
+        if len > self.file.len()? {
+            // Growing: allocate the blocks the map will write (see `create`).
+            self.file.allocate(len)?;
+        } else {
+            self.file.set_len(len)?;
+        }
         self.map = self.file.map_write()?;
         Ok(())
     }

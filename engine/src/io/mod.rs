@@ -77,6 +77,10 @@ pub trait StorageFile: Send + Sync + Debug {
     fn len(&self) -> Result<u64>;
     /// Truncates or extends the file.
     fn set_len(&self, len: u64) -> Result<()>;
+    /// Extends the file to at least `len` bytes with every block allocated (`fallocate`), so
+    /// that writing through a map cannot run out of space: a full disk is an ENOSPC error
+    /// here instead of a SIGBUS at the first touch of a sparse page.
+    fn allocate(&self, len: u64) -> Result<()>;
     /// Maps the whole file read-only. The caller must keep the file from shrinking while
     /// the map lives (see the `SAFETY` notes in `mmap.rs`).
     fn map_read(&self) -> Result<ReadMap>;

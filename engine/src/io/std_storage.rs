@@ -79,6 +79,21 @@ impl StdFile {
     }
 }
 
+impl StdFile {
+    /// Extends the file to `len` by writing zeros after its current end.
+    fn allocate_by_writing(&self, len: u64) -> Result<()> {
+        const CHUNK: u64 = 64 * 1024;
+        let zeros = vec![0u8; CHUNK as usize];
+        let mut pos = self.len()?;
+        while pos < len {
+            let n = (len - pos).min(CHUNK);
+            self.write_all_at(&zeros[..n as usize], pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
 impl StorageFile for StdFile {
     fn path(&self) -> &Path {
         &self.path
@@ -102,6 +117,16 @@ impl StorageFile for StdFile {
 
     fn set_len(&self, len: u64) -> Result<()> {
         self.file.set_len(len).map_err(|e| Error::io("truncate", &self.path, e))
+    }
+
+    fn allocate(&self, len: u64) -> Result<()> {
+        use rustix::io::Errno;
+        match rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), 0, len) {
+            Ok(()) => Ok(()),
+            // The file system cannot allocate without writing: write the zeros ourselves.
+            Err(e) if e == Errno::OPNOTSUPP || e == Errno::NOSYS => self.allocate_by_writing(len),
+            Err(e) => Err(Error::io("fallocate", &self.path, e.into())),
+        }
     }
 
     fn map_read(&self) -> Result<ReadMap> {

@@ -12,7 +12,7 @@
 mod scan;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
@@ -129,7 +129,18 @@ pub struct Segment {
     next_offset: AtomicU64,
     max_timestamp_ms: AtomicI64,
     sealed: OnceLock<Bytes>,
+    /// Whether the time index was checked against every batch header: one of the
+    /// `TIME_INDEX_*` states.
+    time_index_state: AtomicU8,
 }
+
+/// The time index has not been checked against the log yet.
+const TIME_INDEX_UNCHECKED: u8 = 0;
+/// Every entry bounds the batches before it: lookups may skip by it.
+const TIME_INDEX_VALID: u8 = 1;
+/// An entry claims a smaller bound than a batch before it holds (damage): lookups walk the
+/// segment from its start instead.
+const TIME_INDEX_DAMAGED: u8 = 2;
 
 impl Segment {
     /// Creates a new, empty active segment.
@@ -165,6 +176,7 @@ impl Segment {
             next_offset: AtomicU64::new(base_offset),
             max_timestamp_ms: AtomicI64::new(i64::MIN),
             sealed: OnceLock::new(),
+            time_index_state: AtomicU8::new(TIME_INDEX_UNCHECKED),
         }
     }
 
@@ -294,8 +306,16 @@ impl Segment {
         // Trust an entry only if the batch it points at starts at the offset it names.
         let trusted =
             start == 0 || matches!(self.header_at(start, limit), Ok(Some(h)) if h.base_offset == start_offset);
-        let mut position = if trusted { start } else { 0 };
+        let (mut position, mut expected) = if trusted { (start, start_offset) } else { (0, self.base_offset) };
         while let Some(header) = self.header_at(position, limit)? {
+            // Sealed batches are not re-checked on open, and the base offset is outside the
+            // CRC: a batch that does not continue its predecessor is damage, never data.
+            if header.base_offset != expected {
+                return Err(self.corrupt_at(
+                    position,
+                    format!("batch base offset {} where {expected} was expected", header.base_offset),
+                ));
+            }
             if header.base_offset >= end_offset {
                 return Ok(None);
             }
@@ -303,6 +323,10 @@ impl Segment {
                 return Ok(Some(position));
             }
             position += header.size_bytes();
+            expected = header.next_offset();
+        }
+        if position != limit {
+            return Err(self.corrupt_at(position, format!("the batches do not end at the segment's end ({limit})")));
         }
         Ok(None)
     }
@@ -317,6 +341,8 @@ impl Segment {
         let first_window = max_bytes.max(BATCH_HEADER_SIZE as u64);
         let mut window = self.window(position, first_window.min(limit.saturating_sub(position)))?;
         let mut taken = 0u64;
+        let mut expected = None;
+        let mut reached_end_offset = false;
         loop {
             let rest = &window[taken as usize..];
             let Some(size) = peek_batch_size(rest) else { break };
@@ -329,6 +355,11 @@ impl Segment {
             }
             let header = BatchHeader::parse(rest).map_err(|e| self.corrupt(position + taken, e))?;
             if header.base_offset >= end_offset {
+                reached_end_offset = true;
+                break;
+            }
+            if expected.is_some_and(|next| header.base_offset != next) {
+                // Damage (see `locate`): serve the batches before it; a read from here fails.
                 break;
             }
             if size > rest.len() as u64 {
@@ -339,14 +370,27 @@ impl Segment {
                 break;
             }
             taken += size;
+            expected = Some(header.next_offset());
+        }
+        if taken == 0 && position < limit && !reached_end_offset {
+            // A located batch that cannot be served whole is damage, not the end of the log.
+            return Err(self.corrupt_at(position, "the batch here runs past the end of the segment".into()));
         }
         Ok(window.slice(..taken as usize))
     }
 
     /// The first visible batch whose max timestamp is at least `timestamp_ms`: its header
     /// and position.
+    ///
+    /// The open-time checks vouch only for the order of the time index and its last entry; a
+    /// damaged middle entry that still keeps the order would make the lookup skip batches.
+    /// So the first lookup in a segment checks every entry against the batch headers (once);
+    /// a segment whose time index fails is searched from its start.
     pub fn find_by_timestamp(&self, timestamp_ms: i64, end_offset: u64) -> Result<Option<(BatchHeader, u64)>> {
-        let start_offset = {
+        let trusted = self.time_index_trusted()?;
+        let start_offset = if !trusted {
+            self.base_offset
+        } else {
             let index = self.time_index.read();
             let i = index.partition_point(|e| e.timestamp_ms < timestamp_ms);
             if i == 0 {
@@ -369,6 +413,43 @@ impl Segment {
             position += header.size_bytes();
         }
         Ok(None)
+    }
+
+    /// Checks (once) that every time-index entry bounds the max timestamps of all batches
+    /// before the offset it names. Entries added after the check were written by this
+    /// process and need none.
+    fn time_index_trusted(&self) -> Result<bool> {
+        match self.time_index_state.load(Ordering::Acquire) {
+            TIME_INDEX_VALID => return Ok(true),
+            TIME_INDEX_DAMAGED => return Ok(false),
+            _ => {}
+        }
+        let entries: Vec<TimeEntry> = {
+            let index = self.time_index.read();
+            (0..index.len()).map(|i| index.get(i)).collect()
+        };
+        let limit = self.size_bytes();
+        let mut position = 0;
+        let mut prefix_max = i64::MIN;
+        let mut next_offset = self.base_offset;
+        let mut valid = true;
+        let mut entries = entries.iter().peekable();
+        loop {
+            // Entries naming this offset bound every batch before it.
+            while let Some(entry) = entries.next_if(|e| self.base_offset + u64::from(e.relative_offset) <= next_offset)
+            {
+                valid &= entry.timestamp_ms >= prefix_max;
+            }
+            let Some(header) = self.header_at(position, limit)? else { break };
+            prefix_max = prefix_max.max(header.max_timestamp_ms);
+            next_offset = header.next_offset();
+            position += header.size_bytes();
+        }
+        // Entries past the walked batches were appended meanwhile (or name offsets the log
+        // does not hold, which the open-time checks reject).
+        let state = if valid { TIME_INDEX_VALID } else { TIME_INDEX_DAMAGED };
+        self.time_index_state.store(state, Ordering::Release);
+        Ok(valid)
     }
 
     /// Calls `visit` with the header of every batch from the one containing `from_offset`
@@ -407,7 +488,11 @@ impl Segment {
     }
 
     fn corrupt(&self, position: u64, error: Error) -> Error {
-        Error::Corrupt { path: self.log_path.clone(), pos: position, reason: error.to_string() }
+        self.corrupt_at(position, error.to_string())
+    }
+
+    fn corrupt_at(&self, position: u64, reason: String) -> Error {
+        Error::Corrupt { path: self.log_path.clone(), pos: position, reason }
     }
 
     /// Removes the segment's files (retention, topic deletion). Existing readers keep
