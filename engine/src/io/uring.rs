@@ -223,6 +223,10 @@ impl StorageFile for UringFile {
         self.inner.set_len(len)
     }
 
+    fn allocate(&self, len: u64) -> Result<()> {
+        self.inner.allocate(len)
+    }
+
     fn map_read(&self) -> Result<ReadMap> {
         self.inner.map_read()
     }
