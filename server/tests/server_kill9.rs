@@ -77,11 +77,14 @@ async fn mixed_load_survives_sigkill_exactly_once() {
     let extra = {
         let ledger = ledger.lock();
         format!(
-            "consumed={} commits={} priority_deliveries={} priority_settled={} priority_ack_unknown={} failed={}",
+            "consumed={} commits={} priority_deliveries={} priority_settled={} priority_ack_errors={} \
+             priority_abandoned={} priority_ack_unknown={} failed={}",
             ledger.consumed,
             ledger.commits,
             ledger.deliveries,
             ledger.settled.len(),
+            ledger.ack_errors,
+            ledger.abandoned,
             ledger.settle_unknown.len(),
             ledger.failed.len()
         )
@@ -91,6 +94,23 @@ async fn mixed_load_survives_sigkill_exactly_once() {
     assert_eq!(lost_priority, 0, "acknowledged priority messages never settled");
     assert!(check.acked > total.acked || rounds == 0, "the load made progress after the last round");
     assert!(check.priority_acked > 0, "priority messages were produced");
+
+    // One more crash with nothing in flight, then: the acks whose response was lost either
+    // landed (the message is not delivered again) or did not (it is); nothing else comes back.
+    server = tokio::task::block_in_place(|| {
+        server.kill();
+        ServerProcess::start_retrying(&data, &log, &listen, "")
+    });
+    let in_doubt = load::resolve_in_doubt(addr, &ledger).await;
+    println!(
+        "campaign: scenario=sigkill-mixed-in-doubt-acks rounds=1 acked={} lost=0 duplicated={} \
+         in_doubt_redelivered={} in_doubt_settled={}",
+        in_doubt.redelivered + in_doubt.settled,
+        in_doubt.violations,
+        in_doubt.redelivered,
+        in_doubt.settled
+    );
+    assert_eq!(in_doubt.violations, 0, "only in-doubt messages come back after the final restart");
 
     let status = tokio::task::block_in_place(|| server.terminate());
     assert!(status.success(), "clean shutdown after the crashes: {status}\n{}", server.log());

@@ -79,11 +79,12 @@ async fn mixed_load_survives_sigstop_pauses() {
         let ledger = ledger.lock();
         format!(
             "paused_ms={paused_ms} connections={connections} consumed={} commits={} priority_deliveries={} priority_settled={} \
-             priority_ack_unknown={} failed={}",
+             priority_abandoned={} priority_ack_unknown={} failed={}",
             ledger.consumed,
             ledger.commits,
             ledger.deliveries,
             ledger.settled.len(),
+            ledger.abandoned,
             ledger.settle_unknown.len(),
             ledger.failed.len()
         )

@@ -45,10 +45,18 @@ pub const CURSOR: &str = "workers";
 const WINDOW: usize = 200;
 /// Messages the priority producer keeps unacknowledged.
 const PRIORITY_WINDOW: usize = 50;
+/// Priority messages acknowledged but not settled beyond which the priority producer waits
+/// for the consumer (so the backlog left at the end stays small).
+const PRIORITY_BACKLOG_MAX: usize = 1_000;
 /// Segment size of every topic: small, so that segments roll during a run.
 const SEGMENT_SIZE_BYTES: u64 = 64 * 1024;
 /// One in this many priority deliveries is nacked (redelivered at once) instead of acked.
 const NACK_ONE_IN: u64 = 20;
+/// One in this many priority deliveries is abandoned: neither acked nor nacked, so it must
+/// come back when its lease expires or the server restarts.
+const ABANDON_ONE_IN: u64 = 20;
+/// Lease of a priority delivery (abandoned ones come back after this).
+const LEASE_MS: u64 = 2_000;
 /// Longest a check may take to read the log back (it retries while the server restarts).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between attempts of a client loop whose last request failed (the server is down or
@@ -58,7 +66,11 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// The cursor settings every priority poll passes (the server keeps the first ones).
 pub fn cursor_settings() -> PriorityCursorSettings {
     // Many deliveries allowed: nacks must not dead-letter anything in these runs.
-    PriorityCursorSettings { max_deliveries: Some(1_000), lease_ms: Some(30_000), ..PriorityCursorSettings::default() }
+    PriorityCursorSettings {
+        max_deliveries: Some(1_000),
+        lease_ms: Some(LEASE_MS),
+        ..PriorityCursorSettings::default()
+    }
 }
 
 /// What to run.
@@ -105,6 +117,10 @@ pub struct Ledger {
     pub redelivered: Vec<String>,
     /// Priority deliveries in all.
     pub deliveries: u64,
+    /// Priority acks that failed with a connection error (outcome unknown when sent).
+    pub ack_errors: u64,
+    /// Priority deliveries left unacknowledged on purpose (they must come back).
+    pub abandoned: u64,
     /// Records the group consumer read.
     pub consumed: u64,
     /// Commits the server confirmed.
@@ -372,7 +388,9 @@ impl Load {
         for task in self.producers.drain(..) {
             task.await.expect("producer task");
         }
-        let deadline = Instant::now() + timeout;
+        // The drain may take long after a long run: it only has to keep making progress.
+        let mut deadline = Instant::now() + timeout;
+        let mut last_missing = usize::MAX;
         let unsettled = |ledger: &Ledger| {
             let mut missing: Vec<&String> = ledger
                 .priority_acked
@@ -386,6 +404,10 @@ impl Load {
             let missing = unsettled(&self.ledger.lock());
             if missing.is_empty() {
                 break;
+            }
+            if missing.len() < last_missing {
+                last_missing = missing.len();
+                deadline = Instant::now() + timeout;
             }
             if Instant::now() >= deadline {
                 eprintln!("priority messages never settled: {missing:?}");
@@ -401,6 +423,52 @@ impl Load {
         let lost_priority = unsettled(&self.ledger.lock()).len() as u64;
         (check, lost_priority, self.ledger)
     }
+}
+
+/// What a poll of the priority cursor right after a restart found out about the acks whose
+/// outcome the consumer never learned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InDoubt {
+    /// In-doubt messages delivered again (their ack had not landed); now acked.
+    pub redelivered: u64,
+    /// In-doubt messages not delivered again: the server had applied their ack.
+    pub settled: u64,
+    /// Messages delivered again although their ack was confirmed.
+    pub violations: u64,
+}
+
+/// Right after a restart (no lease survives one), every unsettled message of the cursor
+/// is delivered again and nothing settled is (the contract in
+/// engine/src/cursor/priority/mod.rs). Polls until the cursor has nothing left, acking
+/// each delivery, and classifies the in-doubt acks of `ledger`. Call after [`Load::finish`]
+/// and a restart.
+pub async fn resolve_in_doubt(addr: SocketAddr, ledger: &Mutex<Ledger>) -> InDoubt {
+    let client = Client::connect(addr, "in-doubt").await.expect("connect");
+    let mut out = InDoubt::default();
+    let mut returned = HashSet::new();
+    loop {
+        let deliveries = client.priority_poll(PRIORITY, CURSOR, 256, cursor_settings()).await.expect("poll");
+        if deliveries.is_empty() {
+            break;
+        }
+        for delivery in deliveries {
+            let value = value_of(delivery.value);
+            let unexpected = {
+                let ledger = ledger.lock();
+                ledger.settled.contains(&value)
+            };
+            if unexpected {
+                eprintln!("FAULT: {value} delivered after the final restart although its ack was confirmed");
+                out.violations += 1;
+            }
+            client.priority_ack(PRIORITY, CURSOR, delivery.lease).await.expect("ack");
+            returned.insert(value);
+        }
+    }
+    let ledger = ledger.lock();
+    out.redelivered = ledger.settle_unknown.intersection(&returned).count() as u64;
+    out.settled = ledger.settle_unknown.len() as u64 - out.redelivered;
+    out
 }
 
 /// `p{producer}-{n}` → (`p{producer}`, n).
@@ -501,6 +569,15 @@ async fn produce_priority(addr: SocketAddr, stop: Arc<AtomicBool>, ledger: Arc<M
     let mut pending = VecDeque::new();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        let backlog = {
+            let ledger = ledger.lock();
+            (ledger.priority_acked.len() + pending.len())
+                .saturating_sub(ledger.settled.len() + ledger.settle_unknown.len())
+        };
+        if backlog > PRIORITY_BACKLOG_MAX {
+            tokio::time::sleep(Duration::from_millis(5)).await; // pacing: the consumer is behind
+            continue;
+        }
         let message = format!("j{n}");
         let lane = (n % u64::from(LANES)) as u8;
         n += 1;
@@ -572,7 +649,8 @@ async fn consume_group(addr: SocketAddr, stop: Arc<AtomicBool>, ledger: Arc<Mute
 }
 
 /// The priority consumer: polls up to 32 messages, acks them concurrently (nacks one in
-/// [`NACK_ONE_IN`]), and records what the server confirmed.
+/// [`NACK_ONE_IN`], abandons one in [`ABANDON_ONE_IN`]), and records what the server
+/// confirmed.
 async fn consume_priority(
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -625,6 +703,10 @@ async fn consume_priority(
                     ));
                 }
                 ledger.settle_unknown.remove(&value);
+                if rng.below(ABANDON_ONE_IN) == 0 {
+                    ledger.abandoned += 1;
+                    continue;
+                }
                 let client = current.clone();
                 let nack = rng.below(NACK_ONE_IN) == 0;
                 acks.spawn(async move {
@@ -649,7 +731,9 @@ async fn consume_priority(
                 // The lease ended (a restart, an expiry): the message comes back.
                 Err(e) if e.code() == ErrorCode::LeaseNotHeld => {}
                 // The connection failed: the ack may or may not have been applied.
-                Err(_) if !nack => {
+                Err(e) if !nack => {
+                    eprintln!("ack of {value} failed: {e}");
+                    ledger.ack_errors += 1;
                     ledger.settle_unknown.insert(value);
                 }
                 Err(_) => {}
