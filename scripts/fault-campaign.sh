@@ -3,15 +3,18 @@
 # counts and prints one summary line per scenario.
 #
 #   scripts/fault-campaign.sh            full campaign: release build, campaign counts
-#   scripts/fault-campaign.sh --short    CI-sized counts (the tests' defaults), debug build
+#   scripts/fault-campaign.sh --short    CI-sized counts (the tests' defaults), debug build;
+#                                        CI runs the same tests through `cargo test --workspace`
+#                                        and `fuzz/run.sh 45` (.ci/run)
 #
-# Counts (environment; the defaults below are the full campaign's, --short unsets them so
-# each test uses its CI default):
+# Counts (environment; the defaults in parentheses are the full campaign's; with --short
+# each test uses its CI default unless the variable is set):
 #   RILL_KILL9_ROUNDS            SIGKILL rounds of the server under mixed load   (50; CI 12)
 #   RILL_PAUSE_ROUNDS            SIGSTOP/SIGCONT pauses of the server            (20; CI 3)
 #   RILL_LOST_RESPONSE_RECORDS   records acknowledged through the lossy proxy    (50000; CI 5000)
 #   RILL_LOST_RESPONSE_DROPS     produce responses the proxy must have dropped   (500; CI 50)
 #   FUZZ_SECONDS                 seconds per fuzz target for fuzz/run.sh         (60; short 10)
+#   CAMPAIGN_ONLY="a b"          run only the named steps (names as in the summary)
 # Seeds: each scenario prints its seed and the variable that replays it (RILL_KILL9_SEED,
 # RILL_PAUSE_SEED, RILL_LOST_RESPONSE_SEED, RILL_FAULT_SEED for engine/tests/fault_storage.rs).
 #
@@ -28,7 +31,7 @@ case "${1:-}" in
     "") ;;
     --short) mode=short ;;
     -h | --help)
-        sed -n '2,24p' "$0"
+        sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -68,6 +71,9 @@ test_step() { # crate test [test args...]
 step() { # name command...
     local name="$1"
     shift
+    if [ -n "${CAMPAIGN_ONLY:-}" ] && ! [[ " $CAMPAIGN_ONLY " == *" $name "* ]]; then
+        return 0
+    fi
     local log="$out/$name.log" t0=$SECONDS rc
     echo "==> $name: $*"
     "$@" >"$log" 2>&1
