@@ -31,8 +31,9 @@ const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 /// acknowledged position, no record twice, every position holding the record it held
 /// before, committed offsets not below any confirmed commit or earlier read. At the end
 /// the producers stop, the priority cursor must settle every acknowledged priority message
-/// (none lost or skipped; acked ones never redelivered), and a clean shutdown leaves a
-/// store `rill inspect` finds undamaged. Prints a `campaign:` summary line. Seed printed;
+/// (none lost or skipped; acked ones never redelivered); after one more SIGKILL the
+/// restarted cursor may deliver only messages whose ack response was lost; and a clean
+/// shutdown leaves a store `rill inspect` finds undamaged. Prints a `campaign:` summary line. Seed printed;
 /// replay with `RILL_KILL9_SEED`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_load_survives_sigkill_exactly_once() {

@@ -4,7 +4,8 @@
 //! The load: idempotent `Producer`s writing uniquely named messages `p{producer}-{n}` to
 //! [`TOPIC`]; a consumer of group [`GROUP`] that fetches, and commits its positions; an
 //! idempotent producer writing `j{n}` to the lanes of priority topic [`PRIORITY`]; and a
-//! priority cursor consumer that polls, acks (and now and then nacks) them.
+//! priority cursor consumer that polls and acks them, now and then nacking one (redelivered
+//! at once) or abandoning one (its lease must expire and it must come back).
 //!
 //! The [`Ledger`] remembers what the clients were told: every acknowledged record with its
 //! position, every record read at each position (so a position that changes meaning is
