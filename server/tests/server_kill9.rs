@@ -1,86 +1,117 @@
-//! SIGKILL of the real `rill serve` binary under load from idempotent producers: after any
-//! number of crashes and restarts, every acknowledged message is in the log exactly once, at
-//! the offset its acknowledgement named, and no message is ever duplicated.
+//! SIGKILL of the real `rill serve` binary under mixed load (idempotent producers, a
+//! consumer group fetching and committing, a priority cursor polling, acking and nacking):
+//! after every crash and restart, every acknowledged record is in the log exactly once at
+//! the position its acknowledgement named, no position changed its record, committed
+//! offsets never moved backwards, and no priority message acked by the server came back.
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{free_port, Rng, ServerProcess, RILL};
-use rill_engine::FsyncPolicy;
-use rill_server::client::{Client, Consumer, Producer, ProducerConfig, SendReceipt, StartPosition};
-use rill_server::messages::TopicSettings;
+use common::load::{self, Load, LoadConfig};
+use common::{env_count, free_port, Rng, ServerProcess, RILL};
+use rill_server::client::Client;
 
-/// Concurrent producers, each with its own connection and producer id.
+/// Crash-and-restart rounds unless `RILL_KILL9_ROUNDS` says otherwise (the fault campaign
+/// runs ≥ 50).
+const ROUNDS_DEFAULT: u64 = 12;
+/// Concurrent producers of the plain topic, each with its own connection and producer id.
 const PRODUCERS: usize = 3;
-/// Crash-and-restart rounds.
-const ROUNDS: usize = 12;
-/// Partitions of the topic.
-const PARTITIONS: u32 = 3;
-/// Messages one producer keeps unacknowledged.
-const WINDOW: usize = 200;
-/// The whole scenario must finish within this.
-const TOTAL_BUDGET: Duration = Duration::from_secs(60);
-/// Longest wait for the producers to make progress after a restart.
-const PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
-const TOPIC: &str = "kill9";
+/// Time allowed per round, and for the rest of the scenario.
+const ROUND_BUDGET: Duration = Duration::from_secs(10);
+const BASE_BUDGET: Duration = Duration::from_secs(60);
+/// Longest wait for the load to make progress after a restart.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What one producer sent: each message id with its receipt or why it failed for good.
-type Outcomes = Vec<(String, Result<SendReceipt, String>)>;
-
-/// Proves that a crash never loses or duplicates an acknowledged message: starts the binary
-/// on a fixed loopback port (chosen free up front, so producers reconnect to the same
-/// address after a restart) with a 3-partition topic under `fsync = always`; runs three
-/// idempotent `Producer`s (acks = leader) sending uniquely named messages; then, for each of
-/// 12 rounds, waits until the producers have made some seeded amount of progress, waits a
-/// seeded random moment more, SIGKILLs the server (`Child::kill`) and restarts it on the
-/// same directory and port. The producers retry unacknowledged batches with the same
-/// sequence numbers. At the end it reads every partition and checks that each acknowledged
-/// message is present exactly once at its acknowledged position, that no message appears
-/// twice (failed ones may be absent), and that a clean shutdown leaves a store that
-/// `rill inspect` finds undamaged. Seed printed; replay with `RILL_KILL9_SEED`.
+/// Starts the binary on a fixed loopback port (chosen free up front, so clients reconnect
+/// to the same address after a restart) with topics under `fsync = always`, runs the mixed
+/// load, and for each round waits until the load has made a seeded amount of progress,
+/// waits a seeded random moment more, SIGKILLs the server (`Child::kill`), restarts it on
+/// the same directory and port, and reads everything back: each acknowledged record at its
+/// acknowledged position, no record twice, every position holding the record it held
+/// before, committed offsets not below any confirmed commit or earlier read. At the end
+/// the producers stop, the priority cursor must settle every acknowledged priority message
+/// (none lost or skipped; acked ones never redelivered); after one more SIGKILL the
+/// restarted cursor may deliver only messages whose ack response was lost; and a clean
+/// shutdown leaves a store `rill inspect` finds undamaged. Prints a `campaign:` summary line. Seed printed;
+/// replay with `RILL_KILL9_SEED`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_messages_survive_sigkill_exactly_once() {
+async fn mixed_load_survives_sigkill_exactly_once() {
+    let rounds = env_count("RILL_KILL9_ROUNDS", ROUNDS_DEFAULT);
     let started = Instant::now();
-    let mut rng = Rng::new(Rng::seed_from_env("RILL_KILL9_SEED"));
+    let seed = Rng::seed_from_env("RILL_KILL9_SEED");
+    let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let (data, log) = (dir.path().join("data"), dir.path().join("server.log"));
     let listen = format!("127.0.0.1:{}", free_port());
     let mut server = ServerProcess::start_retrying(&data, &log, &listen, "");
     let addr = server.addr;
     let admin = Client::connect(addr, "kill9-admin").await.expect("connect");
-    let settings =
-        TopicSettings { partitions: PARTITIONS, fsync: Some(FsyncPolicy::Always), ..TopicSettings::default() };
-    admin.create_topic(TOPIC, settings).await.expect("create topic");
+    load::create_topics(&admin).await;
+    drop(admin);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
-    let producers: Vec<_> = (0..PRODUCERS)
-        .map(|id| tokio::spawn(produce_until_stopped(addr, id, Arc::clone(&stop), Arc::clone(&acked))))
-        .collect();
-    for round in 0..ROUNDS {
-        wait_for_progress(&acked, rng.range(20, 300), &server).await;
+    let config = LoadConfig {
+        producers: PRODUCERS,
+        producer_addr: addr,
+        key_by_producer: false,
+        request_timeout_ms: 5_000,
+        mixed: true,
+    };
+    let load = Load::start(addr, config, seed);
+    let mut total = load::Check::default();
+    for round in 0..rounds {
+        load.wait_for_progress(rng.range(20, 300), PROGRESS_TIMEOUT, || server.log()).await;
         tokio::time::sleep(Duration::from_millis(rng.range(0, 40))).await; // the random kill moment
-        eprintln!("round {round}: SIGKILL after {} acknowledged messages", acked.load(Ordering::Relaxed));
+        let acked = load.acked.load(std::sync::atomic::Ordering::Relaxed);
         server = tokio::task::block_in_place(|| {
             server.kill();
             ServerProcess::start_retrying(&data, &log, &listen, "")
         });
         assert_eq!(server.addr, addr, "restarted on the same address");
+        let check = load.check().await;
+        eprintln!("round {round}: SIGKILL after {acked} acknowledged messages; after restart: {check:?}");
+        assert!(check.clean(), "round {round}: faults after the restart: {check:?}");
+        total = check;
     }
-    wait_for_progress(&acked, 50, &server).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut outcomes = Outcomes::new();
-    for producer in producers {
-        outcomes.extend(producer.await.expect("producer task"));
-    }
-    let log_contents = read_topic(&admin).await;
-    check_exactly_once(&outcomes, &log_contents);
+    load.wait_for_progress(50, PROGRESS_TIMEOUT, || server.log()).await;
+    let (check, lost_priority, ledger) = load.finish(PROGRESS_TIMEOUT).await;
+    let extra = {
+        let ledger = ledger.lock();
+        format!(
+            "consumed={} commits={} priority_deliveries={} priority_settled={} priority_ack_errors={} \
+             priority_abandoned={} priority_ack_unknown={} failed={}",
+            ledger.consumed,
+            ledger.commits,
+            ledger.deliveries,
+            ledger.settled.len(),
+            ledger.ack_errors,
+            ledger.abandoned,
+            ledger.settle_unknown.len(),
+            ledger.failed.len()
+        )
+    };
+    load::summary("sigkill-mixed", rounds, &check, lost_priority, &extra);
+    assert!(check.clean(), "faults at the end: {check:?}");
+    assert_eq!(lost_priority, 0, "acknowledged priority messages never settled");
+    assert!(check.acked > total.acked || rounds == 0, "the load made progress after the last round");
+    assert!(check.priority_acked > 0, "priority messages were produced");
+
+    // One more crash with nothing in flight, then: the acks whose response was lost either
+    // landed (the message is not delivered again) or did not (it is); nothing else comes back.
+    server = tokio::task::block_in_place(|| {
+        server.kill();
+        ServerProcess::start_retrying(&data, &log, &listen, "")
+    });
+    let in_doubt = load::resolve_in_doubt(addr, &ledger).await;
+    println!(
+        "campaign: scenario=sigkill-mixed-in-doubt-acks rounds=1 acked={} lost=0 duplicated={} \
+         in_doubt_redelivered={} in_doubt_settled={}",
+        in_doubt.redelivered + in_doubt.settled,
+        in_doubt.violations,
+        in_doubt.redelivered,
+        in_doubt.settled
+    );
+    assert_eq!(in_doubt.violations, 0, "only in-doubt messages come back after the final restart");
 
     let status = tokio::task::block_in_place(|| server.terminate());
     assert!(status.success(), "clean shutdown after the crashes: {status}\n{}", server.log());
@@ -88,109 +119,7 @@ async fn acknowledged_messages_survive_sigkill_exactly_once() {
     let report = String::from_utf8_lossy(&inspect.stdout);
     assert!(inspect.status.success(), "rill inspect finds no damage:\n{report}");
     let elapsed = started.elapsed();
-    eprintln!("{} messages, {ROUNDS} SIGKILL rounds in {elapsed:?}", outcomes.len());
-    assert!(elapsed < TOTAL_BUDGET, "the scenario took {elapsed:?}, over {TOTAL_BUDGET:?}");
-}
-
-/// Waits (polling, bounded) until `count` more messages were acknowledged.
-async fn wait_for_progress(acked: &AtomicU64, count: u64, server: &ServerProcess) {
-    let target = acked.load(Ordering::Relaxed) + count;
-    let deadline = Instant::now() + PROGRESS_TIMEOUT;
-    while acked.load(Ordering::Relaxed) < target {
-        assert!(
-            Instant::now() < deadline,
-            "producers stalled at {} acknowledged messages (waiting for {target})\n--- server log ---\n{}",
-            acked.load(Ordering::Relaxed),
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await; // polling the acknowledged count
-    }
-}
-
-/// Sends messages `p{id}-{n}` (keyed by themselves, so spread over the partitions) until
-/// `stop`, keeping up to [`WINDOW`] unacknowledged; returns every message's outcome.
-async fn produce_until_stopped(addr: SocketAddr, id: usize, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>) -> Outcomes {
-    let client = Client::connect(addr, &format!("kill9-producer-{id}")).await.expect("connect");
-    // Enough retries (backoff up to 1 s) to ride out a restart; a short request timeout in
-    // case a response is lost with the server.
-    let config =
-        ProducerConfig { linger_ms: 2, max_retries: 40, request_timeout_ms: 5_000, ..ProducerConfig::default() };
-    let producer = Producer::new(client, config).expect("producer");
-    let mut pending = VecDeque::new();
-    let mut outcomes = Outcomes::new();
-    let settle = |(message, receipt): (String, Result<SendReceipt, rill_server::Error>), outcomes: &mut Outcomes| {
-        if receipt.is_ok() {
-            acked.fetch_add(1, Ordering::Relaxed);
-        }
-        outcomes.push((message, receipt.map_err(|e| e.to_string())));
-    };
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let message = format!("p{id}-{n}");
-        n += 1;
-        let bytes = Bytes::from(message.clone());
-        let receipt = producer.send(TOPIC, Some(bytes.clone()), bytes, Vec::new());
-        pending.push_back(async move { (message, receipt.await) });
-        if pending.len() >= WINDOW {
-            let next = pending.pop_front().expect("the window is full");
-            settle(next.await, &mut outcomes);
-        }
-    }
-    producer.flush().await;
-    for next in pending {
-        settle(next.await, &mut outcomes);
-    }
-    outcomes
-}
-
-/// Every record of the topic: message id by (partition, offset).
-async fn read_topic(client: &Client) -> BTreeMap<(u32, u64), String> {
-    let mut consumer = Consumer::new(client.clone(), None, TOPIC, StartPosition::Earliest).await.expect("consumer");
-    let ends = consumer.end_offsets().to_vec();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut out = BTreeMap::new();
-    while consumer.positions().iter().zip(&ends).any(|(position, end)| position < end) {
-        assert!(Instant::now() < deadline, "read the whole topic in time");
-        for record in consumer.poll(100).await.expect("poll") {
-            let value = String::from_utf8(record.value.expect("a value").to_vec()).expect("UTF-8 message id");
-            out.insert((record.partition, record.offset), value);
-        }
-    }
-    out
-}
-
-/// Each acknowledged message is at its acknowledged position and nowhere else; no message
-/// appears twice.
-fn check_exactly_once(outcomes: &Outcomes, log: &BTreeMap<(u32, u64), String>) {
-    let mut copies: BTreeMap<&str, Vec<(u32, u64)>> = BTreeMap::new();
-    for (position, message) in log {
-        copies.entry(message.as_str()).or_default().push(*position);
-    }
-    let duplicated: Vec<_> = copies.iter().filter(|(_, positions)| positions.len() > 1).take(10).collect();
-    assert!(duplicated.is_empty(), "messages in the log more than once: {duplicated:?}");
-    let (mut acknowledged, mut failed, mut failed_but_present) = (0, 0, 0);
-    for (message, outcome) in outcomes {
-        match outcome {
-            Ok(SendReceipt { partition, offset }) => {
-                acknowledged += 1;
-                let found = log.get(&(*partition, *offset));
-                assert_eq!(found, Some(message), "{message} acknowledged at {partition}/{offset}");
-            }
-            Err(why) => {
-                failed += 1;
-                if copies.contains_key(message.as_str()) {
-                    failed_but_present += 1;
-                }
-                eprintln!("{message} failed for good: {why}");
-            }
-        }
-    }
-    let sent: BTreeSet<&str> = outcomes.iter().map(|(message, _)| message.as_str()).collect();
-    let unknown: Vec<_> = copies.keys().filter(|m| !sent.contains(*m)).take(10).collect();
-    assert!(unknown.is_empty(), "the log holds messages nobody sent: {unknown:?}");
-    eprintln!(
-        "{acknowledged} acknowledged, {failed} failed ({failed_but_present} of them in the log anyway), {} records",
-        log.len()
-    );
-    assert!(acknowledged > 0);
+    let budget = BASE_BUDGET + ROUND_BUDGET * rounds as u32;
+    eprintln!("{rounds} SIGKILL rounds in {elapsed:?}");
+    assert!(elapsed < budget, "the scenario took {elapsed:?}, over {budget:?}");
 }

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod load;
+pub mod proxy;
+
 /// Path of the `rill` binary built for these tests.
 pub const RILL: &str = env!("CARGO_BIN_EXE_rill");
 
@@ -136,6 +139,13 @@ impl ServerProcess {
         self.wait_exit()
     }
 
+    /// Sends `signal` (a name `kill` understands, e.g. `STOP`, `CONT`) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status =
+            Command::new("kill").args([format!("-{signal}"), self.pid().to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -{signal} failed: {status}");
+    }
+
     /// Sends SIGKILL (`Child::kill`) and reaps the process.
     pub fn kill(&mut self) {
         let child = self.child.as_mut().expect("the server is running");
@@ -217,6 +227,14 @@ pub fn metric(page: &str, series: &str) -> Option<f64> {
     page.lines()
         .filter(|line| !line.starts_with('#'))
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A count from environment variable `var` (campaign sizes), else `default`.
+pub fn env_count(var: &str, default: u64) -> u64 {
+    match std::env::var(var) {
+        Ok(text) => text.parse().unwrap_or_else(|_| panic!("{var} must be a count, got {text:?}")),
+        Err(_) => default,
+    }
 }
 
 /// A small deterministic generator (splitmix64) for seeded tests.
