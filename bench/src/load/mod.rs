@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::load::drivers::{Driver, Durability, SendSettings, SystemKind};
 use crate::load::output::{Outcome, Percentiles};
@@ -151,6 +151,7 @@ pub fn run(dir: &Path, args: &LoadArgs, json: bool, command_line: &str) -> Resul
     let load_start = loadavg_line();
     let runtime = crate::server_load::client_runtime(&args.server)?;
     let mut outcomes = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
     for &system in &args.systems {
         let mut server = None;
         for &durability in &args.durability {
@@ -169,10 +170,22 @@ pub fn run(dir: &Path, args: &LoadArgs, json: bool, command_line: &str) -> Resul
                     workload.name(),
                     loadavg_line()
                 );
-                let outcome =
-                    runtime.block_on(run_one(&driver, server.as_ref(), system, workload, durability, args))?;
-                eprintln!("rill-bench: load:   {:.0} msg/s, latency {:?}", outcome.msgs_per_s, outcome.latency);
-                outcomes.push(outcome);
+                match runtime.block_on(run_one(&driver, server.as_ref(), system, workload, durability, args)) {
+                    Ok(outcome) => {
+                        eprintln!("rill-bench: load:   {:.0} msg/s, latency {:?}", outcome.msgs_per_s, outcome.latency);
+                        outcomes.push(outcome);
+                    }
+                    // One system failing a workload must not lose the others' results.
+                    Err(e) => {
+                        eprintln!(
+                            "rill-bench: load: {} {} {} FAILED: {e}",
+                            system.name(),
+                            durability.name(),
+                            workload.name()
+                        );
+                        failures.push(format!("{} {} {}: {e}", system.name(), durability.name(), workload.name()));
+                    }
+                }
             }
             driver.close()?;
         }
@@ -187,8 +200,15 @@ pub fn run(dir: &Path, args: &LoadArgs, json: bool, command_line: &str) -> Resul
         ("loadavg_start".to_string(), load_start),
         ("loadavg_end".to_string(), loadavg_line()),
         ("cpus".to_string(), std::thread::available_parallelism().map_or(0, |n| n.get()).to_string()),
+        ("failures".to_string(), failures.join("; ")),
     ];
-    let markdown = output::to_markdown(&outcomes);
+    let mut markdown = output::to_markdown(&outcomes);
+    if !failures.is_empty() {
+        markdown.push_str("\nFailed runs:\n\n");
+        for failure in &failures {
+            markdown.push_str(&format!("- {failure}\n"));
+        }
+    }
     let document = output::to_json(&meta, &outcomes);
     if json {
         print!("{document}");
@@ -245,7 +265,12 @@ struct Counters {
     acked_in_window: AtomicU64,
     received: AtomicU64,
     errors: AtomicU64,
+    /// Open loop: messages due in the run that were never sent (the sender gave up).
+    unsent: AtomicU64,
 }
+
+/// Open loop: how long after the end of the window a sender that is behind keeps sending.
+const GIVE_UP_NS: u64 = 5_000_000_000;
 
 /// Where a run's time goes: `origin` is time 0 of every stamp; the window is
 /// `[window_start_ns, window_end_ns)`.
@@ -454,6 +479,11 @@ async fn traffic(
     if errors > 0 {
         outcome.extra.push(("send errors".into(), errors as f64));
     }
+    let unsent = counters.unsent.load(Ordering::Relaxed);
+    if unsent > 0 {
+        // Their latency is unbounded, so the percentiles above flatter the system.
+        outcome.extra.push(("UNSENT (fell behind)".into(), unsent as f64));
+    }
     Ok(())
 }
 
@@ -476,17 +506,19 @@ async fn produce(
     inflight: usize,
     counters: Arc<Counters>,
 ) -> Result<(Histogram<u64>, Histogram<u64>)> {
-    // Closed loop: the channel's capacity bounds the sends in flight. Open loop: it only
-    // bounds memory; a full channel delays sends, which shows as latency from the
-    // intended times.
-    let capacity = if schedule.is_some() { 1 << 16 } else { inflight.saturating_sub(1).max(1) };
-    let (tx, mut rx) = mpsc::channel::<(Vec<u64>, drivers::AckFuture)>(capacity);
+    // Closed loop: `inflight` permits bound the sends awaiting their ack; a permit is
+    // returned when the collector has the ack. Open loop: no bound (a stalled system makes
+    // the sends pile up, and their latency runs from the intended times).
+    let permits = Arc::new(Semaphore::new(if schedule.is_some() { Semaphore::MAX_PERMITS } else { inflight }));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<u64>, drivers::AckFuture, OwnedSemaphorePermit)>();
     let collector = {
         let counters = Arc::clone(&counters);
         tokio::spawn(async move {
             let mut ack = histogram()?;
-            while let Some((stamps, future)) = rx.recv().await {
-                if let Err(e) = future.await {
+            while let Some((stamps, future, permit)) = rx.recv().await {
+                let acked = future.await;
+                drop(permit);
+                if let Err(e) = acked {
                     if counters.errors.fetch_add(1, Ordering::Relaxed) == 0 {
                         eprintln!("rill-bench: load: send failed: {e}");
                     }
@@ -508,7 +540,17 @@ async fn produce(
     let mut lag = histogram()?;
     let mut sent = 0u64;
     loop {
+        // Closed loop: a message's time starts once it may be sent.
+        let permit = Arc::clone(&permits).acquire_owned().await.map_err(|_| "the permits closed")?;
         let now = elapsed_ns(clock.origin);
+        if now >= clock.window_end_ns + GIVE_UP_NS {
+            // The system cannot take the load: stop instead of sending for minutes more.
+            if let Some(s) = &schedule {
+                let due = s.due_count(clock.window_end_ns.saturating_sub(1));
+                counters.unsent.fetch_add(due.saturating_sub(sent), Ordering::Relaxed);
+            }
+            break;
+        }
         let stamps: Vec<u64> = match &schedule {
             None if now >= clock.window_end_ns => break,
             None => vec![now; batch],
@@ -528,9 +570,18 @@ async fn produce(
         };
         sent += stamps.len() as u64;
         let values: Vec<Bytes> = stamps.iter().map(|&t| Bytes::from(stamped_value(t, size))).collect();
-        let future = producer.send(values).await?;
+        let future = match producer.send(values).await {
+            Ok(future) => future,
+            Err(e) => {
+                // Counted and reported; a peer refusing sends is a result, not a crash.
+                if counters.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("rill-bench: load: send failed: {e}");
+                }
+                continue;
+            }
+        };
         counters.sent.fetch_add(stamps.len() as u64, Ordering::Relaxed);
-        tx.send((stamps, future)).await.map_err(|_| "the ack collector stopped")?;
+        tx.send((stamps, future, permit)).map_err(|_| "the ack collector stopped")?;
     }
     drop(tx);
     let ack = collector.await??;
