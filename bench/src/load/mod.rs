@@ -220,10 +220,16 @@ pub fn run(dir: &Path, args: &LoadArgs, json: bool, command_line: &str) -> Resul
         std::fs::write(out.join("load.json"), &document)?;
         let header = format!("`{command_line}`\n\nloadavg at start {}, at end {}\n\n", meta[2].1, meta[3].1);
         std::fs::write(out.join("load.md"), format!("{header}{markdown}"))?;
-        std::fs::write(out.join("load.svg"), output::to_svg(&format!("rill-bench load: {command_line}"), &outcomes))?;
+        std::fs::write(out.join("load.svg"), output::to_svg(&svg_title(command_line), &outcomes))?;
         eprintln!("rill-bench: load: wrote load.json, load.md, load.svg in {}", out.display());
     }
     Ok(())
+}
+
+/// `rill-bench load <options>`, without the binary's path.
+fn svg_title(command_line: &str) -> String {
+    let options = command_line.split_once(" load").map_or("", |(_, rest)| rest);
+    format!("rill-bench load{options}")
 }
 
 fn connect(
@@ -320,7 +326,7 @@ async fn run_one(
     args: &LoadArgs,
 ) -> Result<Outcome> {
     let stream = stream_name(system, workload, durability);
-    driver.create(&stream, args.partitions, durability).await?;
+    driver.create(&stream, args.partitions, durability).await.map_err(|e| format!("create {stream}: {e}"))?;
     let mode = match args.rate {
         Some(rate) if workload != Workload::Replay => format!("open@{rate}"),
         _ => "closed".to_string(),
@@ -344,8 +350,8 @@ async fn run_one(
             traffic(driver, server, &stream, args, groups, &mut outcome).await
         }
     };
-    driver.delete(&stream, args.partitions).await?;
-    result.map(|()| outcome)
+    let deleted = driver.delete(&stream, args.partitions).await.map_err(|e| format!("delete {stream}: {e}").into());
+    result.and(deleted).map(|()| outcome)
 }
 
 fn spawn_consumers(
@@ -361,7 +367,7 @@ fn spawn_consumers(
             tokio::spawn(async move {
                 let mut hist = histogram()?;
                 while !stop.load(Ordering::Relaxed) {
-                    let values = consumer.next().await?;
+                    let values = consumer.next().await.map_err(|e| format!("consumer: {e}"))?;
                     let now_ns = elapsed_ns(clock.origin);
                     for value in &values {
                         let stamp = stamp_of(value).ok_or("a message shorter than its stamp")?;
@@ -390,12 +396,17 @@ async fn traffic(
     let mut consumers = Vec::new();
     for group in 0..groups {
         for p in 0..args.partitions {
-            consumers.push(driver.consumer(stream, p, group).await?);
+            consumers.push(driver.consumer(stream, p, group).await.map_err(|e| format!("create a consumer: {e}"))?);
         }
     }
     let mut producers = Vec::new();
     for i in 0..args.producers {
-        producers.push(driver.producer(stream, args.partitions, i, &settings).await?);
+        producers.push(
+            driver
+                .producer(stream, args.partitions, i, &settings)
+                .await
+                .map_err(|e| format!("create a producer: {e}"))?,
+        );
     }
     let origin = Instant::now();
     let window_start_ns = (args.warmup * 1e9) as u64;
@@ -653,4 +664,15 @@ async fn replay(driver: &Driver, stream: &str, args: &LoadArgs, outcome: &mut Ou
     outcome.extra.push(("replay s".into(), secs));
     outcome.extra.push(("fill msg/s".into(), written as f64 / fill_s));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn svg_title_drops_the_binary_path() {
+        assert_eq!(svg_title("/x/target/release/rill-bench load --rate 5"), "rill-bench load --rate 5");
+        assert_eq!(svg_title("rill-bench --json load"), "rill-bench load");
+    }
 }

@@ -351,7 +351,15 @@ pub fn to_svg(title: &str, outcomes: &[Outcome]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" font-family=\"sans-serif\" font-size=\"11\">"
     );
     let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
-    let _ = writeln!(s, "<text x=\"{left}\" y=\"24\" font-size=\"15\">{}</text>", xml(title));
+    // The full title goes in <desc>; the visible one is cut to the chart's width.
+    let fits = ((width - left) / 8.0) as usize;
+    let shown: String = if title.chars().count() > fits {
+        title.chars().take(fits.saturating_sub(1)).chain(std::iter::once('…')).collect()
+    } else {
+        title.to_string()
+    };
+    let _ = writeln!(s, "<desc>{}</desc>", xml(title));
+    let _ = writeln!(s, "<text x=\"{left}\" y=\"24\" font-size=\"15\">{}</text>", xml(&shown));
     let throughput = LogAxis::covering(outcomes.iter().map(|o| o.msgs_per_s));
     let latency = LogAxis::covering(outcomes.iter().filter_map(|o| o.latency).flat_map(|p| [p.p50_us, p.max_us]));
     let panels: [(f64, &str, Option<LogAxis>); 2] = [
@@ -524,7 +532,10 @@ mod tests {
         let outcomes = vec![outcome("rill-server", 4000.0, Some(100.0)), outcome("redis", 2000.0, None)];
         let svg = to_svg("t <1>", &outcomes);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert!(svg.contains("t &lt;1&gt;"));
+        assert!(svg.contains("<desc>t &lt;1&gt;</desc>"));
+        let long = to_svg(&"x".repeat(500), &outcomes);
+        assert!(long.contains(&format!("<desc>{}</desc>", "x".repeat(500))));
+        assert!(long.contains("x…</text>"));
         // 2 throughput bars + 1 latency bar (redis has none) + 2 legend squares + background.
         assert_eq!(svg.matches("<rect").count(), 6);
         assert!(svg.contains("<title>rill-server produce always closed: p99 0.100 ms</title>"));
