@@ -3,6 +3,7 @@
 //! both measure the same thing.
 
 pub mod idempotence;
+pub mod load;
 pub mod priority;
 pub mod server_load;
 pub mod summary;

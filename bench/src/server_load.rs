@@ -224,7 +224,7 @@ enum Running {
 pub struct BenchServer {
     addr: String,
     /// The metrics endpoint (`process` and `in-process` only), for the fsync histogram.
-    metrics_addr: Option<String>,
+    pub(crate) metrics_addr: Option<String>,
     mode: ServerMode,
     running: Option<Running>,
 }
@@ -368,15 +368,15 @@ fn read_listen_line(child: &mut Child) -> Result<(String, Option<String>)> {
 /// The server's fsync histogram (`rill_fsync_latency_seconds`, all partitions), from its
 /// metrics endpoint.
 #[derive(Clone, Debug, Default)]
-struct FsyncStats {
+pub(crate) struct FsyncStats {
     /// `(upper bound in seconds, cumulative count)`, `+Inf` last.
     buckets: Vec<(f64, u64)>,
-    sum_s: f64,
-    count: u64,
+    pub(crate) sum_s: f64,
+    pub(crate) count: u64,
 }
 
 impl FsyncStats {
-    fn since(&self, earlier: &FsyncStats) -> FsyncStats {
+    pub(crate) fn since(&self, earlier: &FsyncStats) -> FsyncStats {
         FsyncStats {
             buckets: self
                 .buckets
@@ -415,7 +415,7 @@ impl FsyncStats {
 }
 
 /// `GET /metrics` with a plain blocking socket (one short local request).
-fn scrape_fsync(metrics_addr: &str) -> Result<FsyncStats> {
+pub(crate) fn scrape_fsync(metrics_addr: &str) -> Result<FsyncStats> {
     use std::io::{Read, Write};
     let mut socket = std::net::TcpStream::connect(metrics_addr)?;
     socket.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -425,7 +425,7 @@ fn scrape_fsync(metrics_addr: &str) -> Result<FsyncStats> {
     Ok(FsyncStats::parse(&body))
 }
 
-fn client_runtime(args: &ServerArgs) -> Result<tokio::runtime::Runtime> {
+pub(crate) fn client_runtime(args: &ServerArgs) -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
         .thread_name("rill-bench-client")
@@ -449,7 +449,7 @@ fn topic_name(prefix: &str) -> String {
 }
 
 /// Sum of end offsets and of sizes over the topic's partitions.
-async fn topic_totals(admin: &Client, topic: &str) -> Result<(u64, u64)> {
+pub(crate) async fn topic_totals(admin: &Client, topic: &str) -> Result<(u64, u64)> {
     let metadata = admin.metadata(&[topic]).await?;
     let description =
         metadata.into_iter().find(|t| t.name == topic).ok_or_else(|| format!("topic {topic} not in metadata"))?;

@@ -8,6 +8,8 @@
 //! cargo run --release -p rill-bench --bin rill-bench -- idempotence     # append_records vs append_producer_records
 //! cargo run --release -p rill-bench --bin rill-bench -- server-produce  # server throughput over loopback
 //! cargo run --release -p rill-bench --bin rill-bench -- server-latency  # open-loop produce -> consume latency
+//! cargo run --release -p rill-bench --features peers -- load --systems embedded,server,redis,nats  # side by side
+//! cargo run --release -p rill-bench --bin rill-bench -- loopback        # loopback TCP bandwidth
 //! ```
 //!
 //! Every run works in a fresh scratch directory (inside `--dir`, default `./target` if it
@@ -69,6 +71,10 @@ enum Cmd {
     ServerLatency(LatencyArgs),
     /// Priority cursors: p0 latency under a p3 flood, and cursor vs plain read throughput.
     Priority(rill_bench::priority::PriorityArgs),
+    /// Open- or closed-loop load on rill (embedded, server) and its peers (Redis, NATS), side by side.
+    Load(rill_bench::load::LoadArgs),
+    /// Loopback TCP bandwidth: one connection, 1 MiB writes, for `bench/limits.sh`.
+    Loopback(LoopbackArgs),
     /// Runs append, group-commit and read.
     All {
         #[command(flatten)]
@@ -78,6 +84,16 @@ enum Cmd {
         #[command(flatten)]
         read: ReadArgs,
     },
+}
+
+#[derive(Args, Clone, Debug)]
+struct LoopbackArgs {
+    /// Seconds to stream.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Bytes of each write(2), in KiB.
+    #[arg(long, default_value_t = 1024)]
+    write_kib: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -282,6 +298,11 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::ServerProduce(args) => rill_bench::server_load::run_produce(scratch.path(), args, &mut report),
         Cmd::ServerLatency(args) => rill_bench::server_load::run_latency(scratch.path(), args, &mut report),
         Cmd::Priority(args) => rill_bench::priority::run(scratch.path(), args, &mut report),
+        Cmd::Load(args) => {
+            let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+            rill_bench::load::run(scratch.path(), args, cli.json, &command_line)
+        }
+        Cmd::Loopback(args) => bench_loopback(args, &mut report),
         Cmd::All { append, group_commit, read } => bench_append(scratch.path(), append, &mut report)
             .and_then(|()| bench_group_commit(scratch.path(), group_commit, &mut report))
             .and_then(|()| bench_read(scratch.path(), read, &mut report)),
@@ -784,6 +805,50 @@ fn run_level(
             p99_us: percentile(&latencies, 0.99) / 1e3,
         })
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// loopback
+
+/// One TCP connection over 127.0.0.1: a thread writes `write_kib` buffers for `seconds`,
+/// another reads and counts them. The receiver's count over its own time is the figure.
+fn bench_loopback(args: &LoopbackArgs, report: &mut Report) -> Result<()> {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let seconds = args.seconds;
+    let size = args.write_kib.max(1) * 1024;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let buf = vec![0x5a_u8; size];
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < seconds {
+            stream.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let (mut stream, _) = listener.accept()?;
+    let mut buf = vec![0u8; size];
+    let mut bytes = 0u64;
+    let start = Instant::now();
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+    }
+    let elapsed = start.elapsed();
+    writer.join().map_err(|_panic| "the loopback writer panicked")??;
+    report.add(
+        "loopback",
+        "tcp_bandwidth",
+        mb_per_s(bytes, elapsed),
+        "MB/s",
+        &format!("one connection over 127.0.0.1, {} KiB writes, {:.1} s", args.write_kib, elapsed.as_secs_f64()),
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
