@@ -25,6 +25,11 @@ use crate::log::partition::Partition;
 /// cursor's lock, so this bounds how long one poll can keep a more urgent delivery waiting
 /// (64 KiB of small records decode in well under a millisecond).
 const READ_AHEAD_BYTES: u64 = 64 * 1024;
+/// Lanes below `p0` may hold at most `max_in_flight − ⌈max_in_flight / this⌉` leases, so
+/// that a flood of unacked lower-lane leases always leaves `p0` room to be delivered.
+const P0_RESERVED_SHARE: usize = 10;
+/// Deliveries an `ack_many` settles between chances for other callers to take the lock.
+const ACK_CHUNK: usize = 256;
 /// Most deliveries a poll reserves room for up front.
 const READ_AHEAD_RECORDS_HINT: usize = 4096;
 const CURSORS_DIR: &str = "cursors";
@@ -319,11 +324,14 @@ impl PriorityCursor {
         let now_ms = self.env.clock.now_ms();
         let mut inner = self.inner.lock();
         self.check_poisoned(&inner)?;
+        let unchanged = inner.changed_generation;
         let reclaimed = self.expire_leases(&mut inner, now_ms);
         let limit = max.min((self.config.max_in_flight as usize).saturating_sub(inner.leases.len()));
         let mut deliveries = Vec::with_capacity(limit.min(READ_AHEAD_RECORDS_HINT));
         let delivered = if limit > 0 { self.deliver(&mut inner, now_ms, limit, &mut deliveries) } else { Ok(()) };
-        if inner.changed_generation > inner.written_generation {
+        // Only this poll's own changes (reclaimed leases, settled gaps) are waited for; acks
+        // being written by other callers are theirs to wait for.
+        if inner.changed_generation > unchanged {
             self.commit_changes(&mut inner)?;
         }
         reclaimed?;
@@ -354,7 +362,12 @@ impl PriorityCursor {
         let mut inner = self.inner.lock();
         self.check_poisoned(&inner)?;
         let mut first_error = Ok(());
-        for delivery in deliveries {
+        for (i, delivery) in deliveries.iter().enumerate() {
+            if i > 0 && i % ACK_CHUNK == 0 {
+                // A long batch lets a waiting poll in now and then (fairly), so urgent
+                // deliveries do not wait for the whole batch.
+                MutexGuard::bump(&mut inner);
+            }
             match self.take_lease(&mut inner, delivery) {
                 Ok((index, _lease)) => inner.state.queues[index].settle(delivery.offset),
                 Err(e) => {
@@ -481,10 +494,15 @@ impl PriorityCursor {
     fn take_lease(&self, inner: &mut Inner, delivery: &Delivery) -> Result<(usize, Lease)> {
         let index = self.queue_index(delivery.lane, delivery.partition)?;
         let key = (index, delivery.offset);
-        if inner.leases.get(&key).is_none_or(|lease| lease.lease_id != delivery.lease_id) {
-            return Err(self.lease_not_held(delivery));
-        }
-        let lease = inner.leases.remove(&key).expect("checked just above");
+        let lease = match inner.leases.remove(&key) {
+            Some(lease) if lease.lease_id == delivery.lease_id => lease,
+            Some(other) => {
+                // A later lease of the same message: not this delivery's to settle.
+                inner.leases.insert(key, other);
+                return Err(self.lease_not_held(delivery));
+            }
+            None => return Err(self.lease_not_held(delivery)),
+        };
         let Inner { deadlines, leases, .. } = inner;
         deadlines.drop_stale(leases);
         Ok((index, lease))
@@ -583,12 +601,18 @@ impl PriorityCursor {
     fn deliver(&self, inner: &mut Inner, now_ms: i64, limit: usize, out: &mut Vec<Delivery>) -> Result<()> {
         let mut candidates =
             (0..inner.queues.len()).map(|index| inner.candidate(index, now_ms)).collect::<Result<Vec<_>>>()?;
+        let max_in_flight = self.config.max_in_flight as usize;
+        let lower_lanes_cap = (max_in_flight - max_in_flight.div_ceil(P0_RESERVED_SHARE)).max(1);
         // Each round either delivers or settles a retry whose record retention deleted, so
         // the rounds are bounded by the window.
         while out.len() < limit {
             let mut best: [Option<Candidate>; LANES] = [None; LANES];
+            let lower_lanes_full = inner.leases.len() >= lower_lanes_cap;
             for candidate in candidates.iter().flatten() {
                 let lane = usize::from(inner.queues[candidate.queue].lane);
+                if lane > 0 && lower_lanes_full {
+                    continue;
+                }
                 if best[lane].is_none_or(|b| candidate.ready_since_ms < b.ready_since_ms) {
                     best[lane] = Some(*candidate);
                 }

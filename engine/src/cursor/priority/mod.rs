@@ -180,7 +180,9 @@ pub struct PriorityCursorConfig {
     pub max_deliveries: u32,
     /// Delay before a failed message is delivered again (unless `nack` names one).
     pub backoff: BackoffConfig,
-    /// Most leases held at once (1..=100,000); `poll` returns fewer at the bound.
+    /// Most leases held at once (1..=100,000); `poll` returns fewer at the bound. Lanes
+    /// below `p0` stop at 90 % of it (rounded down, at least 1), so a backlog of unacked lower-lane leases
+    /// cannot keep `p0` messages from being delivered.
     pub max_in_flight: u32,
 }
 
