@@ -13,7 +13,11 @@
 #   RILL_PAUSE_ROUNDS            SIGSTOP/SIGCONT pauses of the server            (20; CI 3)
 #   RILL_LOST_RESPONSE_RECORDS   records acknowledged through the lossy proxy    (50000; CI 5000)
 #   RILL_LOST_RESPONSE_DROPS     produce responses the proxy must have dropped   (500; CI 50)
+#   RILL_FAULT_SEEDS             power-loss seeds per test in fault_storage.rs   (10000; CI 200/50/30)
+#   RILL_BITFLIP_TRIALS          bit-flip trials, engine reads and rill inspect  (1000; CI 100/40)
 #   FUZZ_SECONDS                 seconds per fuzz target for fuzz/run.sh         (60; short 10)
+#   FUZZ_CAMPAIGN_RUNS           executions per target of the long fuzz campaign (off unless set,
+#                                e.g. 10000000: hours per target on 2 cores, see reliability.md)
 #   CAMPAIGN_ONLY="a b"          run only the named steps (names as in the summary)
 # Seeds: each scenario prints its seed and the variable that replays it (RILL_KILL9_SEED,
 # RILL_PAUSE_SEED, RILL_LOST_RESPONSE_SEED, RILL_FAULT_SEED for engine/tests/fault_storage.rs).
@@ -45,6 +49,8 @@ if [ "$mode" = full ]; then
     export RILL_PAUSE_ROUNDS="${RILL_PAUSE_ROUNDS:-20}"
     export RILL_LOST_RESPONSE_RECORDS="${RILL_LOST_RESPONSE_RECORDS:-50000}"
     export RILL_LOST_RESPONSE_DROPS="${RILL_LOST_RESPONSE_DROPS:-500}"
+    export RILL_FAULT_SEEDS="${RILL_FAULT_SEEDS:-10000}"
+    export RILL_BITFLIP_TRIALS="${RILL_BITFLIP_TRIALS:-1000}"
     fuzz_seconds="${FUZZ_SECONDS:-60}"
     profile=(--release)
 else
@@ -109,16 +115,24 @@ step sigkill-producers test_step rill-engine producer_crash_kill9
 step sigkill-priority test_step rill-engine priority_kill9
 # (b) torn writes at every byte of the tail
 step torn-tail test_step rill-engine torn_tail
-# (c), (e) failed fsync / write injected through the file layer, simulated power loss per seed
+# (c), (e) failed fsync / write / ENOSPC injected through the file layer; simulated power
+# loss per seed under fsync = always, interval and never (RILL_FAULT_SEEDS each)
 step fault-storage test_step rill-engine fault_storage
 # (d, partly) damaged or missing indices are rebuilt, damaged sealed segments refused
 step index-rebuild test_step rill-engine index_rebuild
 # Every decoder fuzzed for a bounded time
 step fuzz bash fuzz/run.sh "$fuzz_seconds"
-# ---- further scenarios: append steps here ----------------------------------------------
-# Power-loss seed counts, ENOSPC on a real full filesystem, bit flips in sealed segments
-# and indices, and the long fuzz campaign are added below as `step NAME COMMAND...` lines.
-# ----------------------------------------------------------------------------------------
+# (c) ENOSPC on a real full file system: mounts a 4 MiB tmpfs (needs root; or set
+# RILL_FULL_DISK_DIR to an empty directory on a small file system)
+step full-disk test_step rill-engine full_disk --ignored
+# (d) bit flips in sealed segments and indices: never served as valid, nothing below the
+# damage lost; and reported by the real `rill inspect`
+step bit-flips test_step rill-engine bit_flips
+step inspect-bit-flips test_step rill-server inspect_bit_flips
+# The long fuzz campaign (each target to FUZZ_CAMPAIGN_RUNS executions), only when asked
+if [ -n "${FUZZ_CAMPAIGN_RUNS:-}" ]; then
+    step fuzz-campaign bash fuzz/run.sh campaign "$FUZZ_CAMPAIGN_RUNS"
+fi
 
 echo
 echo "==> summary ($mode, $((SECONDS - started)) s; logs in $out)"

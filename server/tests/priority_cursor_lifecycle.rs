@@ -50,7 +50,7 @@ async fn cursor_options_close_and_idle_close() {
         let settings = TopicSettings { partitions: 1, fsync: Some(FsyncPolicy::Always), ..TopicSettings::default() };
         client.create_priority_topic(TOPIC, 4, settings).await.expect("create");
         let values: Vec<String> = (0..10).map(|i| format!("job-{i}")).collect();
-        client.produce_lane(TOPIC, 2, 0, Acks::Leader, batch(&values)).await.expect("produce");
+        client.produce_lane(TOPIC, 0, 0, Acks::Leader, batch(&values)).await.expect("produce");
 
         // Every setting travels: max_in_flight 3 caps the poll, the lease length shows in the
         // deadline, and the weights are kept.
