@@ -125,6 +125,8 @@ enum ProbeKind {
     Timing,
     Fault,
     Std,
+    /// The io_uring backend (no fsync figures).
+    Uring,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -146,7 +148,7 @@ struct GroupCommitArgs {
     gc_batch_records: usize,
     /// Storage under the store: `timing` counts and times every write and fdatasync (a thin
     /// wrapper of the standard storage), `fault` is the engine's FaultStorage used only to
-    /// count fsyncs, `std` is the plain storage (no fsync figures).
+    /// count fsyncs, `std` is the plain storage and `uring` the io_uring backend (neither gives fsync figures).
     #[arg(long, value_enum, default_value_t = ProbeKind::Timing)]
     storage: ProbeKind,
 }
@@ -650,6 +652,7 @@ fn bench_group_commit(dir: &Path, args: &GroupCommitArgs, report: &mut Report) -
             (Probe::Fault(storage.clone()), Arc::new(storage))
         }
         ProbeKind::Std => (Probe::Plain, Arc::new(StdStorage)),
+        ProbeKind::Uring => (Probe::Plain, rill_engine::io::Backend::Uring.storage()?),
     };
     report.add("group-commit", "load_average_1min", load_average().unwrap_or(f64::NAN), "", "at start; 2 vCPUs");
     let store_dir = dir.join("group-commit-store");
