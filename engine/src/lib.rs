@@ -38,8 +38,8 @@ pub(crate) mod sync;
 
 pub use config::{Clock, FsyncPolicy, ManualClock, StoreConfig, SystemClock, TopicConfig};
 pub use cursor::{
-    Assignment, BackoffConfig, DeadLetter, Delivery, GroupCoordinator, LaneStats, PriorityCursor, PriorityCursorConfig,
-    PriorityCursorStats, PriorityTopic,
+    AckTicket, Assignment, BackoffConfig, DeadLetter, Delivery, GroupCoordinator, LaneStats, PriorityCursor,
+    PriorityCursorConfig, PriorityCursorStats, PriorityTopic,
 };
 pub use error::{Error, Result};
 pub use format::{Compression, Header, ProducerFields, Record, StoredRecord};

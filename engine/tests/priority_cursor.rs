@@ -116,6 +116,41 @@ fn acks_survive_a_crash_and_leases_are_redelivered() {
     assert_eq!((cursor.committed_offset(0, 0).expect("p0"), cursor.committed_offset(1, 0).expect("p1")), (3, 2));
 }
 
+/// A deferred ack is final only once its ticket is waited for: dropped before that (a
+/// crash), the messages come back; after `wait_durable`, they never do. A lease that is not
+/// held is reported and the others are still settled (`flush` makes them durable).
+#[test]
+fn deferred_acks_are_durable_after_their_ticket() {
+    let dir = tempdir();
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let store = open(dir.path(), &clock);
+    store.create_priority_topic("jobs", 1, topic_config(1)).expect("create");
+    produce(&store, 0, &["a", "b", "c", "d"]);
+    let cursor = store.priority_cursor("jobs", "c", cursor_config()).expect("cursor");
+    let polled = cursor.poll(4).expect("poll");
+    cursor.ack_many_deferred(&polled[..2]).expect("deferred ack of a, b");
+    assert_eq!(cursor.committed_offset(0, 0).expect("committed"), 2, "settled in memory at once");
+    drop((cursor, store));
+
+    let store = open(dir.path(), &clock);
+    let cursor = store.priority_cursor("jobs", "c", cursor_config()).expect("reopen");
+    let again = cursor.poll(4).expect("poll");
+    assert_eq!(again.iter().map(value).collect::<Vec<_>>(), ["a", "b", "c", "d"], "never waited for: redelivered");
+    let first = cursor.ack_many_deferred(&again[..1]).expect("ack a");
+    let second = cursor.ack_many_deferred(&again[1..2]).expect("ack b");
+    assert!(first < second);
+    cursor.wait_durable(second).expect("a and b durable");
+    let stale = cursor.ack_many_deferred(&[again[2].clone(), again[0].clone()]);
+    assert!(matches!(stale, Err(Error::LeaseNotHeld { offset: 0, .. })), "a was already settled: {stale:?}");
+    cursor.flush().expect("c durable");
+    drop((cursor, store));
+
+    let store = open(dir.path(), &clock);
+    let cursor = store.priority_cursor("jobs", "c", cursor_config()).expect("reopen");
+    let last = cursor.poll(4).expect("poll");
+    assert_eq!(last.iter().map(value).collect::<Vec<_>>(), ["d"], "a, b (waited) and c (flushed) are final");
+}
+
 /// Nack without a delay waits exactly the seeded backoff (never earlier); nack with a delay
 /// waits that delay; an expired lease is reclaimed on poll and retried after its backoff.
 #[test]

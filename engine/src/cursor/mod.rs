@@ -14,6 +14,6 @@ pub mod priority;
 pub use group::{Assignment, GroupCoordinator};
 pub use offsets::ConsumerOffsets;
 pub use priority::{
-    BackoffConfig, DeadLetter, Delivery, LaneStats, PriorityCursor, PriorityCursorConfig, PriorityCursorStats,
-    PriorityTopic,
+    AckTicket, BackoffConfig, DeadLetter, Delivery, LaneStats, PriorityCursor, PriorityCursorConfig,
+    PriorityCursorStats, PriorityTopic,
 };

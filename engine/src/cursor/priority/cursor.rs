@@ -47,6 +47,12 @@ pub(crate) struct Environment {
     pub(crate) store_dir: PathBuf,
 }
 
+/// Names the state write that makes a deferred ack durable
+/// ([`PriorityCursor::ack_many_deferred`]); tickets of one cursor are ordered, and waiting
+/// for one covers every earlier one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AckTicket(u64);
+
 /// A leased message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivery {
@@ -361,14 +367,48 @@ impl PriorityCursor {
     pub fn ack_many(&self, deliveries: &[Delivery]) -> Result<()> {
         let mut inner = self.inner.lock();
         self.check_poisoned(&inner)?;
+        let settled = self.settle_held(&mut inner, deliveries);
+        self.commit_changes(&mut inner)?;
+        settled
+    }
+
+    /// Settles several deliveries like [`PriorityCursor::ack_many`] but returns before the
+    /// state is written: the ticket names the write that makes them durable, and
+    /// [`PriorityCursor::wait_durable`] waits for it (on any thread). Until then a crash
+    /// delivers them again (at-least-once holds; the ack is just not yet final). This lets a
+    /// consumer keep polling while another thread waits for the sync. A lease that is not
+    /// held is reported as by `ack_many` (the others are settled; [`PriorityCursor::flush`]
+    /// makes them durable).
+    pub fn ack_many_deferred(&self, deliveries: &[Delivery]) -> Result<AckTicket> {
+        let mut inner = self.inner.lock();
+        self.check_poisoned(&inner)?;
+        self.settle_held(&mut inner, deliveries)?;
+        Ok(AckTicket(inner.changed_generation))
+    }
+
+    /// Waits until the settlements a ticket names are durable (writing the state if no
+    /// write covering them is under way).
+    pub fn wait_durable(&self, ticket: AckTicket) -> Result<()> {
+        let mut inner = self.inner.lock();
+        self.commit_up_to(&mut inner, ticket.0)
+    }
+
+    /// Waits until every change made so far is durable.
+    pub fn flush(&self) -> Result<()> {
+        let mut inner = self.inner.lock();
+        self.commit_changes(&mut inner)
+    }
+
+    /// Settles every delivery whose lease is held; returns the first not-held error.
+    fn settle_held(&self, inner: &mut MutexGuard<'_, Inner>, deliveries: &[Delivery]) -> Result<()> {
         let mut first_error = Ok(());
         for (i, delivery) in deliveries.iter().enumerate() {
             if i > 0 && i % ACK_CHUNK == 0 {
                 // A long batch lets a waiting poll in now and then (fairly), so urgent
                 // deliveries do not wait for the whole batch.
-                MutexGuard::bump(&mut inner);
+                MutexGuard::bump(inner);
             }
-            match self.take_lease(&mut inner, delivery) {
+            match self.take_lease(inner, delivery) {
                 Ok((index, _lease)) => inner.state.queues[index].settle(delivery.offset),
                 Err(e) => {
                     if first_error.is_ok() {
@@ -378,7 +418,6 @@ impl PriorityCursor {
             }
         }
         inner.changed_generation += 1;
-        self.commit_changes(&mut inner)?;
         first_error
     }
 
@@ -672,7 +711,12 @@ impl PriorityCursor {
     /// Makes every change up to now durable: writes the state, or waits for a write that
     /// started after the change (group commit).
     fn commit_changes(&self, inner: &mut MutexGuard<'_, Inner>) -> Result<()> {
-        let my_generation = inner.changed_generation;
+        let generation = inner.changed_generation;
+        self.commit_up_to(inner, generation)
+    }
+
+    /// Makes every change up to `my_generation` durable (see [`Self::commit_changes`]).
+    fn commit_up_to(&self, inner: &mut MutexGuard<'_, Inner>, my_generation: u64) -> Result<()> {
         loop {
             self.check_poisoned(inner)?;
             if inner.written_generation >= my_generation {

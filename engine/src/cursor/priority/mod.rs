@@ -85,7 +85,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
-pub use cursor::{Delivery, LaneStats, PriorityCursor, PriorityCursorStats};
+pub use cursor::{AckTicket, Delivery, LaneStats, PriorityCursor, PriorityCursorStats};
 pub use dlq::DeadLetter;
 pub use schedule::{effective_lane, starvation_bound};
 
