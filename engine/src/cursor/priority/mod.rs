@@ -54,6 +54,9 @@
 //!   (`<store>/cursors/<topic>/<cursor>.cursor`, two slots overwritten in place alternately:
 //!   "Priority cursor state file v2" in `docs/format.md`) before `ack`, `nack` or a poll that
 //!   reclaimed expired leases returns; concurrent callers share one write (group commit).
+//! * `ack_many_deferred` settles at once in memory but is durable only once its
+//!   [`AckTicket`] is waited for (`wait_durable`, `flush`, or any later write): a crash
+//!   before that delivers those messages again, as if they had not been acked.
 //! * After a crash and reopen: no acked or dead-lettered message is delivered again, and
 //!   every other message is delivered again. Leases are not durable: a message leased at
 //!   the crash is redelivered, and the delivery that was in flight does not count toward
