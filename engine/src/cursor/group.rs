@@ -196,13 +196,19 @@ impl GroupCoordinator {
     /// member's partitions in it (a generation other than the member's last one means a
     /// rebalance happened: it must stop reading partitions it no longer has).
     pub fn heartbeat(&self, group: &str, member_id: &str) -> Result<Assignment> {
+        self.with_member(group, member_id, |entry| Ok(entry.assignment_of(member_id)))
+    }
+
+    /// Runs `f` on `group` after expiring its timed-out members and renewing the session of
+    /// `member_id` (which must be a member).
+    fn with_member<T>(&self, group: &str, member_id: &str, f: impl FnOnce(&Group) -> Result<T>) -> Result<T> {
         let now_ms = self.clock.now_ms();
         let mut groups = self.groups.lock();
         let entry = groups.get_mut(group).ok_or_else(|| unknown_member(group, member_id))?;
         entry.expire(now_ms);
         let member = entry.members.get_mut(member_id).ok_or_else(|| unknown_member(group, member_id))?;
         member.last_seen_ms = now_ms;
-        Ok(entry.assignment_of(member_id))
+        f(entry)
     }
 
     /// Removes a member at once (its partitions go to the others in a new generation).
@@ -232,31 +238,27 @@ impl GroupCoordinator {
         topic: &str,
         partition: u32,
     ) -> Result<()> {
-        let now_ms = self.clock.now_ms();
-        let mut groups = self.groups.lock();
-        let entry = groups.get_mut(group).ok_or_else(|| unknown_member(group, member_id))?;
-        entry.expire(now_ms);
-        let member = entry.members.get_mut(member_id).ok_or_else(|| unknown_member(group, member_id))?;
-        member.last_seen_ms = now_ms;
-        if generation != entry.generation {
-            return Err(Error::StaleGeneration {
-                group: group.to_string(),
-                member_id: member_id.to_string(),
-                generation,
-                current: entry.generation,
-            });
-        }
-        let owned =
-            entry.assignment.get(member_id).is_some_and(|p| p.iter().any(|(t, n)| t == topic && *n == partition));
-        if !owned {
-            return Err(Error::PartitionNotAssigned {
-                group: group.to_string(),
-                member_id: member_id.to_string(),
-                topic: topic.to_string(),
-                partition,
-            });
-        }
-        Ok(())
+        self.with_member(group, member_id, |entry| {
+            if generation != entry.generation {
+                return Err(Error::StaleGeneration {
+                    group: group.to_string(),
+                    member_id: member_id.to_string(),
+                    generation,
+                    current: entry.generation,
+                });
+            }
+            let owned =
+                entry.assignment.get(member_id).is_some_and(|p| p.iter().any(|(t, n)| t == topic && *n == partition));
+            if !owned {
+                return Err(Error::PartitionNotAssigned {
+                    group: group.to_string(),
+                    member_id: member_id.to_string(),
+                    topic: topic.to_string(),
+                    partition,
+                });
+            }
+            Ok(())
+        })
     }
 
     /// Members of `group` now (after expiring timed-out sessions) and its generation; `None`

@@ -25,7 +25,7 @@ pub use std_storage::StdStorage;
 #[cfg(target_os = "linux")]
 pub use uring::UringStorage;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// How to open a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,24 +36,45 @@ pub enum OpenMode {
     ReadWrite,
 }
 
-/// A directory tree of files: the engine's view of the disk.
+/// A directory tree of files: the engine's view of the disk. The directory operations
+/// default to the standard library's; backends differ in how they open files.
 pub trait Storage: Send + Sync + Debug + 'static {
     /// Opens a file.
     fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>>;
     /// Removes a file.
-    fn remove_file(&self, path: &Path) -> Result<()>;
+    fn remove_file(&self, path: &Path) -> Result<()> {
+        std::fs::remove_file(path).map_err(|e| Error::io("remove file", path, e))
+    }
     /// Atomically renames `from` to `to`, replacing `to`.
-    fn rename(&self, from: &Path, to: &Path) -> Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        std::fs::rename(from, to).map_err(|e| Error::io("rename", from, e))
+    }
     /// Creates a directory and its parents.
-    fn create_dir_all(&self, path: &Path) -> Result<()>;
+    fn create_dir_all(&self, path: &Path) -> Result<()> {
+        std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))
+    }
     /// Removes a directory and everything in it.
-    fn remove_dir_all(&self, path: &Path) -> Result<()>;
+    fn remove_dir_all(&self, path: &Path) -> Result<()> {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io("remove directory", path, e))
+    }
     /// Makes the directory's entries (creations, renames, removals) durable.
-    fn sync_dir(&self, path: &Path) -> Result<()>;
+    fn sync_dir(&self, path: &Path) -> Result<()> {
+        let dir = std::fs::File::open(path).map_err(|e| Error::io("open directory", path, e))?;
+        dir.sync_all().map_err(|e| Error::io("fsync directory", path, e))
+    }
     /// Lists the entries of a directory, sorted by name.
-    fn list_dir(&self, path: &Path) -> Result<Vec<PathBuf>>;
+    fn list_dir(&self, path: &Path) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(path).map_err(|e| Error::io("list directory", path, e))? {
+            out.push(entry.map_err(|e| Error::io("list directory", path, e))?.path());
+        }
+        out.sort();
+        Ok(out)
+    }
     /// Whether a path exists.
-    fn exists(&self, path: &Path) -> bool;
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
 }
 
 /// An open file.

@@ -9,47 +9,13 @@ use super::mmap::{ReadMap, WriteMap};
 use super::{OpenMode, Storage, StorageFile};
 use crate::error::{Error, Result};
 
-/// Files on the local file system.
+/// Files on the local file system (the directory operations are the trait's defaults).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StdStorage;
 
 impl Storage for StdStorage {
     fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>> {
         Ok(Arc::new(StdFile::open(path, mode)?))
-    }
-
-    fn remove_file(&self, path: &Path) -> Result<()> {
-        std::fs::remove_file(path).map_err(|e| Error::io("remove file", path, e))
-    }
-
-    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
-        std::fs::rename(from, to).map_err(|e| Error::io("rename", from, e))
-    }
-
-    fn create_dir_all(&self, path: &Path) -> Result<()> {
-        std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))
-    }
-
-    fn remove_dir_all(&self, path: &Path) -> Result<()> {
-        std::fs::remove_dir_all(path).map_err(|e| Error::io("remove directory", path, e))
-    }
-
-    fn sync_dir(&self, path: &Path) -> Result<()> {
-        let dir = File::open(path).map_err(|e| Error::io("open directory", path, e))?;
-        dir.sync_all().map_err(|e| Error::io("fsync directory", path, e))
-    }
-
-    fn list_dir(&self, path: &Path) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(path).map_err(|e| Error::io("list directory", path, e))? {
-            out.push(entry.map_err(|e| Error::io("list directory", path, e))?.path());
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    fn exists(&self, path: &Path) -> bool {
-        path.exists()
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::std_storage::StdFile;
-use super::{OpenMode, ReadMap, StdStorage, Storage, StorageFile, WriteMap};
+use super::{OpenMode, ReadMap, Storage, StorageFile, WriteMap};
 use crate::error::{Error, Result};
 
 /// Submission queue entries per ring: a call submits at most two linked operations.
@@ -145,34 +145,6 @@ impl UringStorage {
 impl Storage for UringStorage {
     fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>> {
         Ok(Arc::new(UringFile { inner: StdFile::open(path, mode)? }))
-    }
-
-    fn remove_file(&self, path: &Path) -> Result<()> {
-        StdStorage.remove_file(path)
-    }
-
-    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
-        StdStorage.rename(from, to)
-    }
-
-    fn create_dir_all(&self, path: &Path) -> Result<()> {
-        StdStorage.create_dir_all(path)
-    }
-
-    fn remove_dir_all(&self, path: &Path) -> Result<()> {
-        StdStorage.remove_dir_all(path)
-    }
-
-    fn sync_dir(&self, path: &Path) -> Result<()> {
-        StdStorage.sync_dir(path)
-    }
-
-    fn list_dir(&self, path: &Path) -> Result<Vec<PathBuf>> {
-        StdStorage.list_dir(path)
-    }
-
-    fn exists(&self, path: &Path) -> bool {
-        StdStorage.exists(path)
     }
 }
 
