@@ -413,13 +413,20 @@ fn store_seeds() {
     };
     let mut retention = vec![StoreOp::CreateTopic { slot: 2, spec: retained }];
     retention.extend(appends(2, 20, 700));
-    retention.extend([StoreOp::Retention { via_store: true, advance_ms: 0 }, read(2, 0, 100)]);
+    retention.extend([
+        StoreOp::Retention { flags: 1, advance_ms: 0 },
+        read(2, 0, 100),
+        // 1 ms before, exactly at and 1 ms past the age limit of t2's oldest segment.
+        StoreOp::Retention { flags: 0b00_1010, advance_ms: 0 },
+        StoreOp::Retention { flags: 0b01_1011, advance_ms: 0 },
+        StoreOp::Retention { flags: 0b10_1010, advance_ms: 0 },
+    ]);
     retention.extend(appends(2, 4, 50));
     retention.extend([
-        StoreOp::Retention { via_store: false, advance_ms: 60_000 },
+        StoreOp::Retention { flags: 0, advance_ms: 60_000 },
         StoreOp::CloseReopen,
         StoreOp::AdvanceClock { ms: 10_000_000 },
-        StoreOp::Retention { via_store: true, advance_ms: 1 },
+        StoreOp::Retention { flags: 1, advance_ms: 1 },
     ]);
 
     let mut two_topics = vec![

@@ -282,9 +282,13 @@ impl Harness {
                 }
             }
             StoreOp::AdvanceClock { ms } => self.advance(i64::from(*ms)),
-            StoreOp::Retention { via_store, advance_ms } => {
-                self.advance(i64::from(*advance_ms));
-                self.retention(*via_store);
+            StoreOp::Retention { flags, advance_ms } => {
+                let advance_ms = match self.age_boundary(*flags) {
+                    Some(at_ms) if flags & 2 != 0 => (at_ms - self.now_ms()).max(0),
+                    _ => i64::from(*advance_ms),
+                };
+                self.advance(advance_ms);
+                self.retention(flags & 1 != 0);
             }
             StoreOp::Crash { mode, seed } => self.crash(*mode, *seed),
             StoreOp::CloseReopen => self.close_and_reopen(),
@@ -292,6 +296,16 @@ impl Harness {
         for model in self.topics.values() {
             check_bounds(&self.partition(model), model);
         }
+    }
+
+    /// 1 ms before, at or after (bits 4..=5 of `flags`, % 3) the instant the oldest segment
+    /// of topic slot `bits 2..=3` reaches `retention_ms`: where an off-by-one would show.
+    fn age_boundary(&self, flags: u8) -> Option<i64> {
+        let model = self.topics.get(&(((flags >> 2) & 0b11) % TOPIC_SLOTS))?;
+        let limit_ms = model.config.retention_ms?;
+        let oldest_max_ms = model.segment(0).iter().map(|b| b.max_timestamp_ms).max()?;
+        let delta_ms = i64::from((flags >> 4) % 3) - 1;
+        Some(oldest_max_ms.saturating_add(limit_ms as i64).saturating_add(delta_ms))
     }
 
     fn create(&mut self, slot: u8, spec: &TopicSpec) {

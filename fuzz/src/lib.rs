@@ -466,8 +466,11 @@ pub enum StoreOp {
     },
     /// Moves the clock, then applies retention through the store or every partition.
     Retention {
-        /// `Store::enforce_retention` (else `Partition::enforce_retention` of each).
-        via_store: bool,
+        /// Bit 0: `Store::enforce_retention` (else `Partition::enforce_retention` of each);
+        /// bit 1: instead of `advance_ms`, move the clock to 1 ms before, at or after
+        /// (bits 4..=5 % 3) the instant topic `t<bits 2..=3 % 3>`'s oldest segment reaches
+        /// `retention_ms`.
+        flags: u8,
         /// Clock advance first.
         advance_ms: u32,
     },
@@ -497,7 +500,8 @@ pub enum StoreOp {
 ///   2 read          slot u8; selector u16; max_bytes u16
 ///   3 roll          slot u8
 ///   4 clock         ms u32
-///   5 retention     flags u8 (bit 0 through the store); advance_ms u32
+///   5 retention     flags u8 (bit 0 through the store; bit 1 to an age boundary, bits 2..=3 topic,
+///                   bits 4..=5 1 ms before, at, after); advance_ms u32
 ///   6 crash         mode u8 (% 4); seed u64
 ///   7 reopen
 /// ```
@@ -559,10 +563,7 @@ impl StoreOpsInput {
                 2 => StoreOp::Read { slot: r.u8(), selector: r.u16(), max_bytes: r.u16() },
                 3 => StoreOp::Roll { slot: r.u8() },
                 4 => StoreOp::AdvanceClock { ms: r.u32() },
-                5 => {
-                    let via_store = r.u8() & 1 != 0;
-                    StoreOp::Retention { via_store, advance_ms: r.u32() }
-                }
+                5 => StoreOp::Retention { flags: r.u8(), advance_ms: r.u32() },
                 6 => StoreOp::Crash { mode: r.u8() % 4, seed: r.u64() },
                 _ => StoreOp::CloseReopen,
             };
@@ -618,8 +619,8 @@ impl StoreOpsInput {
                     out.push(4);
                     out.extend_from_slice(&ms.to_le_bytes());
                 }
-                StoreOp::Retention { via_store, advance_ms } => {
-                    out.extend_from_slice(&[5, u8::from(*via_store)]);
+                StoreOp::Retention { flags, advance_ms } => {
+                    out.extend_from_slice(&[5, *flags]);
                     out.extend_from_slice(&advance_ms.to_le_bytes());
                 }
                 StoreOp::Crash { mode, seed } => {
@@ -691,7 +692,7 @@ mod tests {
                 StoreOp::Read { slot: 1, selector: 2, max_bytes: 100 },
                 StoreOp::Roll { slot: 1 },
                 StoreOp::AdvanceClock { ms: 1 << 20 },
-                StoreOp::Retention { via_store: true, advance_ms: 9 },
+                StoreOp::Retention { flags: 0b11_1011, advance_ms: 9 },
                 StoreOp::Crash { mode: 3, seed: u64::MAX },
                 StoreOp::CloseReopen,
             ],
