@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use bytes::{Bytes, BytesMut};
 use rill_engine::cursor::offsets::{self, OffsetKey};
 use rill_engine::cursor::priority::state::{self as cursor_state, CursorState, Failure};
+use rill_engine::cursor::priority::state_file;
 use rill_engine::format::batch::{
     set_base_offset, BatchBuilder, BatchHeader, Compression, Header, ProducerFields, Record, BATCH_HEADER_SIZE,
 };
@@ -20,7 +21,9 @@ use rill_engine::producer::snapshot;
 use rill_engine::producer::state::{BatchMetadata, ProducerEntry, ProducerStates};
 use rill_engine::segment::{OpenKind, Segment, SegmentConfig};
 use rill_engine::{FsyncPolicy, TopicConfig};
-use rill_fuzz::{RoundtripInput, SegmentInput};
+use rill_fuzz::{
+    two_slot_input, write_state_slot, RecordSpec, RoundtripInput, SegmentInput, StoreOp, StoreOpsInput, TopicSpec,
+};
 
 const SEED_MAX: usize = 8 * 1024;
 
@@ -313,12 +316,137 @@ fn cursor_state_seeds() {
     q.failed.insert(10, failure);
     q.failed.insert(13, Failure { failures: 1, ..failure });
     state.queues[0].committed = 7;
-    for (name, state) in
-        [("fresh", CursorState::new(1, 1)), ("two_lanes", state), ("four_lanes", CursorState::new(4, 2))]
-    {
-        let encoded = cursor_state::encode(&state);
-        assert_eq!(cursor_state::decode(&encoded).expect("decodes"), state);
+    let states = [("fresh", CursorState::new(1, 1)), ("two_lanes", state), ("four_lanes", CursorState::new(4, 2))];
+    for (name, state) in &states {
+        let encoded = cursor_state::encode(state);
+        assert_eq!(&cursor_state::decode(&encoded).expect("decodes"), state);
         write_seed(t, name, &encoded);
+    }
+    // Two-slot state files (v2), as `rill_fuzz::two_slot_file` builds them from small inputs:
+    // each slot's header and state, the rest of the slot zeros.
+    let full_slot = |slot_size: usize, sequence: u64, state: &CursorState| {
+        let encoded = cursor_state::encode(state);
+        let mut bytes = vec![0u8; slot_size];
+        write_state_slot(&mut bytes, sequence, &encoded);
+        bytes.truncate(state_file::SLOT_HEADER_SIZE + encoded.len());
+        bytes
+    };
+    // A slot whose CRC is zeroed: valid only once the target repairs it.
+    let stale_crc = |sequence: u64, state: &CursorState| {
+        let mut bytes = full_slot(state_file::SLOT_SIZE_MIN, sequence, state);
+        bytes[state_file::SLOT_HEADER_CRC..state_file::SLOT_HEADER_SIZE].fill(0);
+        bytes
+    };
+    let small = state_file::SLOT_SIZE_MIN;
+    let (fresh, two, four) = (&states[0].1, &states[1].1, &states[2].1);
+    let cases = [
+        ("slots_newest_second", two_slot_input(false, false, &full_slot(small, 4, fresh), &full_slot(small, 5, two))),
+        ("slots_newest_first", two_slot_input(false, false, &full_slot(small, 7, four), &full_slot(small, 6, two))),
+        ("slots_one_valid", two_slot_input(false, false, &[], &full_slot(small, 1, two))),
+        ("slots_equal_sequence", two_slot_input(false, true, &full_slot(small, 3, two), &full_slot(small, 3, fresh))),
+        ("slots_large", two_slot_input(true, false, &full_slot(2 * small, 9, four), &full_slot(2 * small, 8, fresh))),
+        // CRCs repaired by the target: mutations of the fields behind the CRC get through.
+        ("slots_fix_crcs", two_slot_input(false, true, &stale_crc(2, two), &stale_crc(1, four))),
+    ];
+    for (name, input) in cases {
+        let file = rill_fuzz::two_slot_file(&input);
+        assert!(state_file::decode_file(&file).is_ok(), "seed {name} is a valid state file");
+        write_seed(t, name, &input);
+    }
+}
+
+fn store_seeds() {
+    let t = "store_ops";
+    let spec = |fsync_never: bool| TopicSpec {
+        fsync_never,
+        segment_size: 0,
+        segment_ms: None,
+        retention_bytes: None,
+        retention_ms: None,
+        index_interval: 8,
+        index_size: 15,
+    };
+    let record = |fill: u8, value_len: u16| RecordSpec {
+        fill,
+        key_len: (fill % 2 == 0).then_some(fill % 16),
+        value_len: Some(value_len),
+        timestamp_delta_ms: (fill % 3 != 0).then_some(i16::from(fill) * 10 - 500),
+        header: fill % 4 == 0,
+    };
+    let append = |slot: u8, lz4: bool, fill: u8, count: usize, value_len: u16| StoreOp::Append {
+        slot,
+        lz4,
+        advance_ms: u16::from(fill) * 3,
+        records: (0..count).map(|i| record(fill.wrapping_add(i as u8), value_len)).collect(),
+    };
+    let appends = |slot: u8, n: u8, value_len: u16| -> Vec<StoreOp> {
+        (0..n).map(|i| append(slot, i % 3 == 1, i * 7, 1 + usize::from(i % 8), value_len)).collect()
+    };
+    let read = |slot: u8, selector: u16, max_bytes: u16| StoreOp::Read { slot, selector, max_bytes };
+    let crash = |mode: u8, seed: u64| StoreOp::Crash { mode, seed };
+
+    let mut always = vec![StoreOp::CreateTopic { slot: 0, spec: spec(false) }];
+    always.extend(appends(0, 14, 300));
+    always.extend([read(0, 3, 1), read(0, 20, 5000), crash(0, 1)]);
+    always.extend(appends(0, 3, 500));
+    always.extend([crash(3, 77), StoreOp::CloseReopen, read(0, 7, 100)]);
+
+    let timed = TopicSpec { segment_ms: Some(999), index_size: 0, ..spec(true) };
+    let mut never = vec![StoreOp::CreateTopic { slot: 1, spec: timed }];
+    never.extend(appends(1, 6, 200));
+    never.push(StoreOp::Roll { slot: 1 });
+    never.extend(appends(1, 5, 400));
+    never.push(crash(2, 12345));
+    never.extend(appends(1, 4, 100));
+    never.push(crash(3, 999));
+    never.extend(appends(1, 2, 100));
+    never.extend([crash(1, 0), read(1, 10, 2000)]);
+    never.extend(appends(1, 3, 100));
+    never.extend([StoreOp::CloseReopen, crash(0, 0)]);
+
+    let retained = TopicSpec {
+        segment_size: 1000,
+        retention_bytes: Some(1200),
+        retention_ms: Some(3000),
+        segment_ms: Some(20_000),
+        ..spec(false)
+    };
+    let mut retention = vec![StoreOp::CreateTopic { slot: 2, spec: retained }];
+    retention.extend(appends(2, 20, 700));
+    retention.extend([
+        StoreOp::Retention { flags: 1, advance_ms: 0 },
+        read(2, 0, 100),
+        // 1 ms before, exactly at and 1 ms past the age limit of t2's oldest segment.
+        StoreOp::Retention { flags: 0b00_1010, advance_ms: 0 },
+        StoreOp::Retention { flags: 0b01_1011, advance_ms: 0 },
+        StoreOp::Retention { flags: 0b10_1010, advance_ms: 0 },
+    ]);
+    retention.extend(appends(2, 4, 50));
+    retention.extend([
+        StoreOp::Retention { flags: 0, advance_ms: 60_000 },
+        StoreOp::CloseReopen,
+        StoreOp::AdvanceClock { ms: 10_000_000 },
+        StoreOp::Retention { flags: 1, advance_ms: 1 },
+    ]);
+
+    let mut two_topics = vec![
+        StoreOp::CreateTopic { slot: 0, spec: TopicSpec { segment_size: 4000, ..spec(false) } },
+        StoreOp::CreateTopic { slot: 2, spec: spec(true) },
+        StoreOp::CreateTopic { slot: 0, spec: spec(true) },
+    ];
+    for i in 0..8u8 {
+        two_topics.push(append(0, true, i, 4, 600));
+        two_topics.push(append(2, false, i + 100, 3, 600));
+    }
+    two_topics.extend([read(0, 5, 3000), read(1, 0, 0), crash(2, 4242), read(2, 9, 1)]);
+    two_topics.extend([append(1, false, 1, 1, 1), StoreOp::CloseReopen, read(0, 30, 60_000)]);
+
+    for (name, ops) in
+        [("always_crash", always), ("never_crashes", never), ("retention", retention), ("two_topics", two_topics)]
+    {
+        let input = StoreOpsInput { ops };
+        assert_eq!(StoreOpsInput::decode(&input.encode()), input, "seed {name} round-trips");
+        write_seed(t, name, &input.encode());
     }
 }
 
@@ -387,6 +515,7 @@ fn main() {
     snapshot_seeds();
     offsets_seeds();
     cursor_state_seeds();
+    store_seeds();
     config_seeds();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let mut total = 0u64;
