@@ -438,6 +438,13 @@ async fn init_producer_id(context: &KafkaContext, request: InitProducerIdRequest
     let mut response = InitProducerIdResponse::default();
     let store = Arc::clone(&context.shared.store);
     let transactional_id = request.transactional_id.map(|t| t.0.to_string());
+    if transactional_id.as_deref() == Some("") {
+        // As Kafka: a transactional id is absent (null) or non-empty.
+        response.error_code = code::INVALID_REQUEST;
+        response.producer_id = ProducerId(-1);
+        response.producer_epoch = -1;
+        return response;
+    }
     match blocking(move || Ok(store.init_producer(transactional_id.as_deref())?)).await {
         Ok(identity) => {
             response.producer_id = ProducerId(identity.producer_id);
