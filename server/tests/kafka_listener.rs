@@ -465,3 +465,51 @@ async fn idempotence_and_commits_survive_a_restart() {
     assert_eq!(values, expected, "resumes at the committed offset, exactly once");
     server.shutdown().await.expect("shutdown");
 }
+
+/// Regression (found by the `kafka_records` fuzz target): a request of a few bytes that
+/// declares an array of two billion elements made the Kafka decoder ask for tens of
+/// gigabytes up front, and the allocator aborted the server. The count is now refused
+/// (vendor/kafka-protocol/RILL-PATCH.md): the connection closes, the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_array_lengths_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = rill_server::server::start(config(dir.path())).await.expect("start");
+    let addr = server.kafka_addr.expect("kafka");
+    for (key, version, flexible) in [(3i16, 1i16, false), (0, 3, false), (3, 12, true), (1, 12, true)] {
+        let mut frame = BytesMut::new();
+        frame.put_i32(0);
+        frame.put_i16(key);
+        frame.put_i16(version);
+        frame.put_i32(1); // correlation id
+        frame.put_i16(-1); // null client id
+        if flexible {
+            frame.put_u8(0); // no tagged fields in the header
+            if key == 1 {
+                frame.put_i32(-1); // Fetch: replica id, max wait, min bytes, max bytes
+                frame.put_i32(0);
+                frame.put_i32(0);
+                frame.put_i32(0);
+                frame.put_u8(0); // isolation level
+                frame.put_i32(0); // session id, epoch
+                frame.put_i32(-1);
+            }
+            frame.put_slice(&[0xff, 0xff, 0xff, 0xff, 0x07]); // compact array of 2^31 − 2
+        } else {
+            if key == 0 {
+                frame.put_i16(-1); // Produce: null transactional id, acks, timeout
+                frame.put_i16(1);
+                frame.put_i32(1000);
+            }
+            frame.put_i32(i32::MAX); // array of 2^31 − 1 elements
+        }
+        frame.put_slice(b"few");
+        let size = (frame.len() - 4) as i32;
+        frame[..4].copy_from_slice(&size.to_be_bytes());
+        let mut client = KafkaClient::connect(addr).await;
+        client.stream.write_all(&frame).await.expect("write");
+        assert!(client.receive_frame().await.is_none(), "api {key} v{version}: refused, connection closed");
+    }
+    let mut client = KafkaClient::connect(addr).await;
+    assert_eq!(client.call(&ApiVersionsRequest::default(), 3).await.error_code, 0, "still serving");
+    server.shutdown().await.expect("shutdown");
+}
