@@ -19,8 +19,9 @@ runs them (the state file carries what was produced from one phase to the next):
   resume  (after a server restart) the committed offsets survived; 1,000 more messages
           (200 per codec); a new member of the same group must read exactly those 1,000,
           starting at the committed offsets; commit; the raw Fetch check over all 11,000.
-  admin   DeleteTopics removes a scratch topic (it leaves the metadata); producing to the
-          deleted, now unknown, topic fails within a deadline instead of hanging.
+  admin   DeleteTopics removes a scratch topic (it leaves the metadata, and Metadata for it
+          answers UNKNOWN_TOPIC_OR_PARTITION); producing to the deleted, now unknown, topic
+          fails within a deadline instead of hanging.
   cli     compares `rill consume TOPIC --from-beginning --format json` output (--cli-json)
           with everything delivered: the same (partition, offset, key, value, header) set.
 
@@ -55,6 +56,7 @@ CONSUME_DEADLINE = 180
 CONSUME_QUIET = 3.0
 ADMIN_TIMEOUT = 30
 UNKNOWN_TOPIC_TIMEOUT_MS = 5_000
+UNKNOWN_TOPIC_OR_PARTITION = 3  # Kafka's error code
 # A produce to an unknown topic must have failed by then (its client timeout plus slack).
 UNKNOWN_TOPIC_DEADLINE = 30
 
@@ -159,7 +161,18 @@ class KafkaPythonClient:
         finally:
             admin.close()
         check(len(described) == 1, "describe_topics(%s) returned %r" % (topic, described))
+        check(described[0]["error_code"] == 0, "metadata of %s: error code %d" % (topic, described[0]["error_code"]))
         return len(described[0]["partitions"])
+
+    def metadata_error(self, topic):
+        """The error code the broker's Metadata gives for one topic (0: none)."""
+        admin = self.admin()
+        try:
+            described = admin.describe_topics([topic])
+        finally:
+            admin.close()
+        check(len(described) == 1, "describe_topics(%s) returned %r" % (topic, described))
+        return described[0]["error_code"]
 
     def produce(self, topic, codec, pairs):
         """Produces (key, value) pairs with an idempotent producer; returns per pair the
@@ -323,6 +336,13 @@ class ConfluentClient:
         check(t.error is None, "metadata of %s: %s" % (topic, t.error))
         return len(t.partitions)
 
+    def metadata_error(self, topic):
+        """The error code the broker's Metadata gives for one topic (0: none)."""
+        meta = self.admin().list_topics(topic=topic, timeout=ADMIN_TIMEOUT)
+        t = meta.topics.get(topic)
+        check(t is not None, "metadata has no entry for %s" % topic)
+        return 0 if t.error is None else t.error.code()
+
     def produce(self, topic, codec, pairs):
         from confluent_kafka import Producer
 
@@ -405,6 +425,9 @@ class ConfluentClient:
                 **{
                     "enable.idempotence": True,
                     "allow.auto.create.topics": False,
+                    # Mark a topic the broker does not know as such after 1s (default 30s),
+                    # so the delivery report says unknown topic rather than timed out.
+                    "topic.metadata.propagation.max.ms": 1_000,
                     "message.timeout.ms": UNKNOWN_TOPIC_TIMEOUT_MS,
                 }
             )
@@ -785,6 +808,11 @@ def phase_admin(client, args):
     check(len(offsets) == 10, "scratch produce")
     client.delete_topic(topic)
     wait_until("deleted topic %s gone from the metadata" % topic, lambda: topic not in client.topics(), 10)
+    code = client.metadata_error(topic)
+    check(
+        code == UNKNOWN_TOPIC_OR_PARTITION,
+        "Metadata for the deleted topic %s: error code %d, expected %d" % (topic, code, UNKNOWN_TOPIC_OR_PARTITION),
+    )
 
     t1 = time.monotonic()
     error = client.produce_unknown(topic)
@@ -792,8 +820,8 @@ def phase_admin(client, args):
     check(error is not None, "a produce to the deleted topic %s succeeded" % topic)
     check(took <= UNKNOWN_TOPIC_DEADLINE, "a produce to the deleted topic took %.1fs to fail" % took)
     print(
-        "kafka-clients: %s admin ok: DeleteTopics removed %s; a produce to it then failed after %.1fs with %s; %.1fs"
-        % (client.name, topic, took, error, time.monotonic() - t0)
+        "kafka-clients: %s admin ok: DeleteTopics removed %s (Metadata: UNKNOWN_TOPIC_OR_PARTITION); "
+        "a produce to it then failed after %.1fs with %s; %.1fs" % (client.name, topic, took, error, time.monotonic() - t0)
     )
 
 
