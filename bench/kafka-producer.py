@@ -52,8 +52,11 @@ def ensure_topic(args):
     meta = admin.list_topics(timeout=30)
     if args.topic in meta.topics and meta.topics[args.topic].error is None:
         return False
-    futures = admin.create_topics([NewTopic(args.topic, num_partitions=args.partitions, replication_factor=1)],
-                                  operation_timeout=30, request_timeout=30)
+    futures = admin.create_topics(
+        [NewTopic(args.topic, num_partitions=args.partitions, replication_factor=1)],
+        operation_timeout=30,
+        request_timeout=30,
+    )
     futures[args.topic].result(timeout=30)
     return True
 
@@ -163,10 +166,19 @@ def main():
     }
     print(json.dumps(result))
     print(
-        "| confluent-kafka %s | %d × %d B | linger %g ms, batch %d B, %s | %.0f msg/s | %.2f MB/s | %.2f ms | %.2f ms |"
+        "| confluent-kafka %s | %d × %d B | linger %g ms, batch %d B, %s "
+        "| %.0f msg/s | %.2f MB/s | %.2f ms | %.2f ms |"
         % (
-            libversion()[0], args.messages, args.size, args.linger_ms, args.batch_size, args.compression,
-            median["msgs_per_s"], median["mb_per_s"], median["p50_ms"], median["p99_ms"],
+            libversion()[0],
+            args.messages,
+            args.size,
+            args.linger_ms,
+            args.batch_size,
+            args.compression,
+            median["msgs_per_s"],
+            median["mb_per_s"],
+            median["p50_ms"],
+            median["p99_ms"],
         )
     )
     return 0

@@ -31,6 +31,7 @@ passed (1 on a failed check, with the reason on stderr).
 
 import argparse
 import collections
+import importlib
 import json
 import logging
 import os
@@ -122,7 +123,7 @@ class KafkaPythonClient:
     name = "kafka-python"
 
     def __init__(self, bootstrap):
-        import kafka  # noqa: F401 (fail early and clearly when missing)
+        importlib.import_module("kafka")  # fail early and clearly when missing
 
         self.bootstrap = bootstrap
 
@@ -198,9 +199,7 @@ class KafkaPythonClient:
             futures = []
             for key, value in pairs:
                 futures.append(
-                    producer.send(
-                        topic, key=key.encode(), value=value.encode(), headers=[(HEADER, codec.encode())]
-                    )
+                    producer.send(topic, key=key.encode(), value=value.encode(), headers=[(HEADER, codec.encode())])
                 )
             producer.flush(timeout=PRODUCE_DEADLINE)
             delivered = []
@@ -298,7 +297,7 @@ class ConfluentClient:
     name = "confluent-kafka"
 
     def __init__(self, bootstrap):
-        import confluent_kafka  # noqa: F401 (fail early and clearly when missing)
+        importlib.import_module("confluent_kafka")  # fail early and clearly when missing
 
         self.bootstrap = bootstrap
 
@@ -367,7 +366,10 @@ class ConfluentClient:
             while True:
                 try:
                     producer.produce(
-                        topic, key=key.encode(), value=value.encode(), headers=[(HEADER, codec.encode())],
+                        topic,
+                        key=key.encode(),
+                        value=value.encode(),
+                        headers=[(HEADER, codec.encode())],
                         on_delivery=on_delivery,
                     )
                     break
@@ -460,7 +462,9 @@ class ConfluentConsumer:
                     raise CheckFailed("consumer error: %s" % m.error().str())
                 check(m.topic() == self.topic, "consumed from unexpected topic %s" % m.topic())
                 headers = [(k, text(v)) for k, v in (m.headers() or [])]
-                out.append(Consumed(m.partition(), m.offset(), text(m.key()), text(m.value()), headers, m.timestamp()[1]))
+                out.append(
+                    Consumed(m.partition(), m.offset(), text(m.key()), text(m.value()), headers, m.timestamp()[1])
+                )
             if not msgs or out or time.monotonic() >= deadline:
                 return out
 
@@ -529,7 +533,9 @@ def _recv_exact(sock, n):
 def raw_fetch(sock, correlation_id, topic, partition, offset):
     """One Fetch v4 for one partition; returns (error_code, high_watermark, record bytes)."""
     body = struct.pack(">iiiib", -1, 500, 1, 4 << 20, 0)  # replica, max wait, min bytes, max bytes, isolation
-    body += struct.pack(">i", 1) + _string(topic) + struct.pack(">i", 1) + struct.pack(">iqi", partition, offset, 1 << 20)
+    body += (
+        struct.pack(">i", 1) + _string(topic) + struct.pack(">i", 1) + struct.pack(">iqi", partition, offset, 1 << 20)
+    )
     header = struct.pack(">hhi", 1, 4, correlation_id) + _string("rill-kafka-clients-raw")
     request = header + body
     sock.sendall(struct.pack(">i", len(request)) + request)
@@ -591,18 +597,27 @@ def wire_check(bootstrap, topic, expected_records):
                     )
                     sequences[pid] = batch.last_sequence + 1
                     count = sum(1 for _ in batch)  # decompresses and decodes every record
-                    check(count == batch.records_count, "%s: %d records decoded of %d" % (where, count, batch.records_count))
+                    check(
+                        count == batch.records_count,
+                        "%s: %d records decoded of %d" % (where, count, batch.records_count),
+                    )
                     codecs[batch.compression_type] += 1
                     producers.add(pid)
                     batches += 1
                     records += count
                     offset = batch.next_offset
                     progressed = True
-                check(progressed or offset >= high, "raw fetch %s[%d] at %d returned no batch" % (topic, partition, offset))
+                check(
+                    progressed or offset >= high,
+                    "raw fetch %s[%d] at %d returned no batch" % (topic, partition, offset),
+                )
     check(records == expected_records, "raw fetch of %s: %d records, expected %d" % (topic, records, expected_records))
     names = {v: k for k, v in CODEC_IDS.items()}
     seen = {names.get(c, str(c)): n for c, n in sorted(codecs.items())}
-    check(set(seen) == set(CODECS), "raw fetch of %s: batches per codec %s, expected every one of %s" % (topic, seen, CODECS))
+    check(
+        set(seen) == set(CODECS),
+        "raw fetch of %s: batches per codec %s, expected every one of %s" % (topic, seen, CODECS),
+    )
     return {"batches": batches, "batches_per_codec": seen, "producers": len(producers)}
 
 
@@ -652,15 +667,24 @@ def consume_expected(client, topic, group, expected, start_offsets, started_ms):
                 % (len(seen), len(expected), CONSUME_DEADLINE, group, consumer.assignment()),
             )
             for r in consumer.poll(0.5):
-                check(r.value in expected, "unexpected message %r at %s[%d]@%d" % (r.value, topic, r.partition, r.offset))
-                check(r.value not in seen, "%r consumed twice (at offsets %s and %d)" % (r.value, seen.get(r.value), r.offset))
+                check(
+                    r.value in expected, "unexpected message %r at %s[%d]@%d" % (r.value, topic, r.partition, r.offset)
+                )
+                check(
+                    r.value not in seen,
+                    "%r consumed twice (at offsets %s and %d)" % (r.value, seen.get(r.value), r.offset),
+                )
                 partition, offset, key, codec = expected[r.value]
                 check(r.key == key, "%r has key %r, produced with %r" % (r.value, r.key, key))
                 check(
                     (r.partition, r.offset) == (partition, offset),
-                    "%r consumed at %d@%d, delivery report said %d@%d" % (r.value, r.partition, r.offset, partition, offset),
+                    "%r consumed at %d@%d, delivery report said %d@%d"
+                    % (r.value, r.partition, r.offset, partition, offset),
                 )
-                check(r.headers == [(HEADER, codec)], "%r has headers %r, expected [(%r, %r)]" % (r.value, r.headers, HEADER, codec))
+                check(
+                    r.headers == [(HEADER, codec)],
+                    "%r has headers %r, expected [(%r, %r)]" % (r.value, r.headers, HEADER, codec),
+                )
                 check(
                     started_ms - 60_000 <= r.timestamp_ms <= int(time.time() * 1000) + 60_000,
                     "%r has timestamp %d, produced at about %d" % (r.value, r.timestamp_ms, started_ms),
@@ -677,7 +701,10 @@ def consume_expected(client, topic, group, expected, start_offsets, started_ms):
         for partition, offsets in order.items():
             check(offsets == sorted(offsets), "partition %d consumed out of offset order" % partition)
             first = start_offsets.get(partition, 0)
-            check(offsets[0] == first, "partition %d: first offset consumed %d, expected %d" % (partition, offsets[0], first))
+            check(
+                offsets[0] == first,
+                "partition %d: first offset consumed %d, expected %d" % (partition, offsets[0], first),
+            )
         for key, seqs in key_seqs.items():
             check(seqs == sorted(seqs), "key %s consumed out of production order: %s" % (key, seqs[:20]))
         consumer.commit()
@@ -744,9 +771,20 @@ def phase_main(client, args):
         "kafka-clients: %s main ok: topic %s (%d partitions), produced %d (%d per codec %s, idempotent%s), "
         "consumed %d exactly once with group %s, committed %s; raw fetch: %d batches %s, %d producer ids; %.1fs"
         % (
-            client.name, topic, PARTITIONS, len(delivered), MAIN_PER_CODEC, "/".join(CODECS),
-            "" if pids[0] is None else ", producer ids %s" % pids, consumed, group, fmt_offsets(ends),
-            wire["batches"], wire["batches_per_codec"], wire["producers"], time.monotonic() - t0,
+            client.name,
+            topic,
+            PARTITIONS,
+            len(delivered),
+            MAIN_PER_CODEC,
+            "/".join(CODECS),
+            "" if pids[0] is None else ", producer ids %s" % pids,
+            consumed,
+            group,
+            fmt_offsets(ends),
+            wire["batches"],
+            wire["batches_per_codec"],
+            wire["producers"],
+            time.monotonic() - t0,
         )
     )
 
@@ -782,10 +820,18 @@ def phase_resume(client, args):
     save_state(args.state, state)
     print(
         "kafka-clients: %s resume ok: committed offsets %s survived the restart, produced %d more, "
-        "a new member of %s read exactly those %d from the committed offsets, committed %s; raw fetch: %d batches %s; %.1fs"
+        "a new member of %s read exactly those %d from the committed offsets, committed %s; "
+        "raw fetch: %d batches %s; %.1fs"
         % (
-            client.name, fmt_offsets(committed_before), len(delivered), group, consumed, fmt_offsets(all_high),
-            wire["batches"], wire["batches_per_codec"], time.monotonic() - t0,
+            client.name,
+            fmt_offsets(committed_before),
+            len(delivered),
+            group,
+            consumed,
+            fmt_offsets(all_high),
+            wire["batches"],
+            wire["batches_per_codec"],
+            time.monotonic() - t0,
         )
     )
 
@@ -821,7 +867,8 @@ def phase_admin(client, args):
     check(took <= UNKNOWN_TOPIC_DEADLINE, "a produce to the deleted topic took %.1fs to fail" % took)
     print(
         "kafka-clients: %s admin ok: DeleteTopics removed %s (Metadata: UNKNOWN_TOPIC_OR_PARTITION); "
-        "a produce to it then failed after %.1fs with %s; %.1fs" % (client.name, topic, took, error, time.monotonic() - t0)
+        "a produce to it then failed after %.1fs with %s; %.1fs"
+        % (client.name, topic, took, error, time.monotonic() - t0)
     )
 
 
