@@ -96,6 +96,15 @@ pub struct ServerConfig {
     /// File I/O backend: `std` (system calls) or `uring` (io_uring; falls back to `std`
     /// with a warning where the kernel refuses it).
     pub io_backend: String,
+    /// Kafka-protocol listener (docs/protocol.md, "Kafka listener"); empty disables it.
+    pub kafka_listen: String,
+    /// `host:port` the Kafka listener announces in Metadata and FindCoordinator; empty
+    /// announces the bound address (127.0.0.1 when bound to all interfaces).
+    pub kafka_advertised_listener: String,
+    /// Whether a Kafka Metadata request for a missing topic creates it (with the topic
+    /// defaults), as Kafka's `auto.create.topics.enable`. Off: a typo gets
+    /// UNKNOWN_TOPIC_OR_PARTITION instead of a new topic.
+    pub kafka_auto_create_topics: bool,
     /// Defaults for new topics.
     pub topic_defaults: TopicDefaults,
 }
@@ -113,6 +122,9 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: 10_000,
             priority_cursor_idle_close_ms: 60_000,
             io_backend: "std".into(),
+            kafka_listen: String::new(),
+            kafka_advertised_listener: String::new(),
+            kafka_auto_create_topics: false,
             topic_defaults: TopicDefaults::default(),
         }
     }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod frame;
+pub mod kafka;
 pub mod limits;
 pub mod messages;
 pub mod metrics;

@@ -22,6 +22,8 @@ pub struct ServerHandle {
     pub addr: std::net::SocketAddr,
     /// Address of the metrics listener, if enabled.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Address of the Kafka-protocol listener, if enabled.
+    pub kafka_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<Result<()>>,
 }
@@ -74,9 +76,15 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         priority_cursors: Default::default(),
     });
     tracing::info!(%addr, ?metrics_addr, data_dir = %shared.config.data_dir.display(), "rill serving");
+    let (kafka_addr, kafka_done) = if shared.config.kafka_listen.is_empty() {
+        (None, None)
+    } else {
+        let (kafka_addr, kafka_done) = crate::kafka::start(Arc::clone(&shared)).await?;
+        (Some(kafka_addr), Some(kafka_done))
+    };
     tokio::spawn(close_idle_cursors(Arc::clone(&shared), stop_rx.clone()));
-    let done = tokio::spawn(accept_loop(listener, shared, stop_rx));
-    Ok(ServerHandle { addr, metrics_addr, stop, done })
+    let done = tokio::spawn(accept_loop(listener, shared, stop_rx, kafka_done));
+    Ok(ServerHandle { addr, metrics_addr, kafka_addr, stop, done })
 }
 
 /// Closes idle priority cursors (see [`crate::cmd::priority::close_idle`]) until shutdown,
@@ -99,7 +107,12 @@ async fn close_idle_cursors(shared: Arc<Shared>, mut stop: watch::Receiver<bool>
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<()> {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    kafka_done: Option<tokio::task::JoinHandle<()>>,
+) -> Result<()> {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -130,6 +143,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         tracing::warn!("shutdown timeout: closing remaining connections");
         connections.shutdown().await;
     }
+    if let Some(kafka) = kafka_done {
+        // The Kafka listener drains its own connections (same timeout) before the store closes.
+        drop(kafka.await);
+    }
     let store = Arc::clone(&shared.store);
     tokio::task::spawn_blocking(move || store.shutdown())
         .await
@@ -149,6 +166,8 @@ pub struct ServeOptions {
     pub listen: Option<String>,
     /// Metrics listener address (empty string disables it).
     pub metrics_listen: Option<String>,
+    /// Kafka-protocol listener address (empty string disables it).
+    pub kafka_listen: Option<String>,
 }
 
 /// Builds the configuration from the defaults, an optional TOML file and flags.
@@ -165,6 +184,9 @@ pub fn config_from_args(args: &ServeOptions) -> Result<ServerConfig> {
     }
     if let Some(listen) = &args.metrics_listen {
         config.metrics_listen = listen.clone();
+    }
+    if let Some(listen) = &args.kafka_listen {
+        config.kafka_listen = listen.clone();
     }
     config.validate()?;
     Ok(config)
@@ -204,6 +226,9 @@ async fn serve_until_signal(config: ServerConfig) -> Result<()> {
     match handle.metrics_addr {
         Some(metrics) => println!("rill listening on {} (metrics and health on http://{metrics})", handle.addr),
         None => println!("rill listening on {} (metrics disabled)", handle.addr),
+    }
+    if let Some(kafka) = handle.kafka_addr {
+        println!("Kafka protocol listening on {kafka}");
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("install SIGTERM handler", e))?;

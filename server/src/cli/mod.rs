@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// Address of the metrics endpoint (overrides the configuration file).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Address of the Kafka-protocol listener, e.g. 127.0.0.1:9092 (overrides the
+    /// configuration file; empty disables it, the default).
+    #[arg(long)]
+    pub kafka_listen: Option<String>,
 }
 
 /// `rill topic` subcommands.
@@ -260,6 +264,7 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         listen: args.listen,
         metrics_listen: args.metrics_listen,
+        kafka_listen: args.kafka_listen,
     })
 }
 

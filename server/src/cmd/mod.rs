@@ -11,6 +11,8 @@ pub mod priority;
 pub mod produce;
 mod topics;
 
+pub(crate) use topics::topic_config;
+
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -96,7 +98,7 @@ pub async fn execute(shared: &Arc<Shared>, request: Request) -> Result<Response>
 }
 
 /// Runs blocking engine work (anything that may fsync) off the async workers.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Error::Io { op: "blocking task", source: std::io::Error::other(e.to_string()) })?

@@ -45,7 +45,7 @@ pub async fn create(shared: &Arc<Shared>, name: String, settings: TopicSettings)
 }
 
 /// The topic configuration of `settings`, unset ones from the server's topic defaults.
-pub(super) fn topic_config(shared: &Shared, settings: &TopicSettings) -> Result<TopicConfig> {
+pub(crate) fn topic_config(shared: &Shared, settings: &TopicSettings) -> Result<TopicConfig> {
     let defaults = &shared.config.topic_defaults;
     Ok(TopicConfig {
         partitions: if settings.partitions == 0 { defaults.partitions } else { settings.partitions },
