@@ -90,7 +90,7 @@ import kafka, kafka.codec as c, confluent_kafka as ck
 missing = [n for n, ok in (("snappy", c.has_snappy()), ("lz4", c.has_lz4()), ("zstd", c.has_zstd())) if not ok]
 assert not missing, "kafka-python lacks codecs: %s" % missing
 print("    kafka-python %s, confluent-kafka %s (librdkafka %s)"
-      % (kafka.__version__, ck.version()[0], ck.libversion()[0]))
+      % (kafka.__version__, ck.__version__, ck.libversion()[0]))
 ' || die "the venv's clients do not import with every codec"
 
 # --- the server ------------------------------------------------------------------------
