@@ -246,6 +246,21 @@ async fn every_api_at_every_served_version() {
         producers.push((response.producer_id.0, response.producer_epoch));
     }
     let producer = producers[0];
+    // A transactional id: re-initialising bumps the epoch; the older instance, presenting
+    // its identity, is PRODUCER_FENCED; its batches are INVALID_PRODUCER_EPOCH.
+    let mut init = InitProducerIdRequest::default();
+    init.transactional_id = Some(TransactionalId(StrBytes::from_static_str("payments")));
+    init.transaction_timeout_ms = 60_000;
+    let old = client.call(&init, 4).await;
+    let new = client.call(&init, 4).await;
+    assert_eq!((new.producer_id, new.producer_epoch), (old.producer_id, old.producer_epoch + 1));
+    init.producer_id = old.producer_id;
+    init.producer_epoch = old.producer_epoch;
+    assert_eq!(client.call(&init, 4).await.error_code, 90, "PRODUCER_FENCED");
+    let stale = batch((old.producer_id.0, old.producer_epoch), 0, 1, "f", Compression::None);
+    assert_eq!(produced(&client.call(&produce_request("t3", 0, stale), 9).await).0, 47, "INVALID_PRODUCER_EPOCH");
+    let unknown_id = batch((1 << 40, 0), 0, 1, "u", Compression::None);
+    assert_eq!(produced(&client.call(&produce_request("t3", 0, unknown_id), 9).await).0, 59, "UNKNOWN_PRODUCER_ID");
     let codecs = [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd];
     let mut sequence = 0;
     let mut expected = Vec::new();

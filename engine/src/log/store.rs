@@ -224,6 +224,13 @@ impl Store {
         self.inner.context.registry.init_producer(transactional_id)
     }
 
+    /// Checks a producer identity as an append would: `UnknownProducerId` for an id this
+    /// store never issued, `ProducerFenced` for an epoch older than the current epoch of its
+    /// transactional id.
+    pub fn check_producer(&self, producer_id: i64, producer_epoch: i16) -> Result<()> {
+        self.inner.context.registry.check(producer_id, producer_epoch, -1)
+    }
+
     /// Committed consumer offsets.
     pub fn consumer_offsets(&self) -> &ConsumerOffsets {
         &self.inner.offsets

@@ -57,6 +57,7 @@ mod code {
     pub const INVALID_PRODUCER_EPOCH: i16 = 47;
     pub const KAFKA_STORAGE_ERROR: i16 = 56;
     pub const UNKNOWN_PRODUCER_ID: i16 = 59;
+    pub const PRODUCER_FENCED: i16 = 90;
 }
 
 /// The Kafka code for a server error (docs/protocol.md lists the mapping).
@@ -113,7 +114,7 @@ pub async fn execute(
         RequestKind::Metadata(r) => ResponseKind::Metadata(metadata(context, r, version).await),
         RequestKind::Fetch(r) => ResponseKind::Fetch(fetch(context, r, version).await),
         RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(list_offsets(context, r)),
-        RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(init_producer_id(context, r).await),
+        RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(init_producer_id(context, r, version).await),
         RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(create_topics(context, r, version).await),
         RequestKind::DeleteTopics(r) => ResponseKind::DeleteTopics(delete_topics(context, r, version).await),
         RequestKind::FindCoordinator(r) => ResponseKind::FindCoordinator(find_coordinator(context, r, version)),
@@ -434,7 +435,11 @@ fn list_offsets(context: &KafkaContext, request: ListOffsetsRequest) -> ListOffs
     response
 }
 
-async fn init_producer_id(context: &KafkaContext, request: InitProducerIdRequest) -> InitProducerIdResponse {
+async fn init_producer_id(
+    context: &KafkaContext,
+    request: InitProducerIdRequest,
+    version: i16,
+) -> InitProducerIdResponse {
     let mut response = InitProducerIdResponse::default();
     let store = Arc::clone(&context.shared.store);
     let transactional_id = request.transactional_id.map(|t| t.0.to_string());
@@ -444,6 +449,19 @@ async fn init_producer_id(context: &KafkaContext, request: InitProducerIdRequest
         response.producer_id = ProducerId(-1);
         response.producer_epoch = -1;
         return response;
+    }
+    if version >= 3 && transactional_id.is_some() && request.producer_id.0 >= 0 {
+        // A producer re-initialising its transactional id presents its current identity; one
+        // fenced by a newer instance is told so instead of fencing that instance in turn.
+        if let Err(e @ rill_engine::Error::ProducerFenced { .. }) =
+            store.check_producer(request.producer_id.0, request.producer_epoch)
+        {
+            tracing::debug!(%e, "Kafka InitProducerId from a fenced producer");
+            response.error_code = code::PRODUCER_FENCED;
+            response.producer_id = ProducerId(-1);
+            response.producer_epoch = -1;
+            return response;
+        }
     }
     match blocking(move || Ok(store.init_producer(transactional_id.as_deref())?)).await {
         Ok(identity) => {
