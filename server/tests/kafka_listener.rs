@@ -274,6 +274,9 @@ async fn every_api_at_every_served_version() {
         expected.extend((sequence..sequence + 5).map(|s| (i64::from(s), format!("p-{s}"))));
         sequence += 5;
     }
+    // Seven batches later, a retry of the first is older than the five remembered.
+    let ancient = client.call(&produce_request("t3", 1, batch(producer, 0, 5, "p", codecs[0])), 9).await;
+    assert_eq!(produced(&ancient).0, 46, "DUPLICATE_SEQUENCE_NUMBER");
     let gap = client.call(&produce_request("t3", 1, batch(producer, sequence + 3, 1, "p", Compression::None)), 9).await;
     assert_eq!(produced(&gap).0, 45, "OUT_OF_ORDER_SEQUENCE_NUMBER");
     let unknown = client.call(&produce_request("nope", 0, batch((-1, -1), -1, 1, "x", Compression::None)), 9).await;
