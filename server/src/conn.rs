@@ -26,6 +26,16 @@ use crate::metrics::Rejection;
 enum Slot {
     Ready(Vec<Bytes>),
     Pending(JoinHandle<Vec<Bytes>>),
+    /// An appended batch: the writer awaits its acknowledgement itself (acknowledgements
+    /// are answered in request order anyway, so a task per produce would only add a
+    /// spawn and a wake-up per request).
+    Produce(Box<ProduceSlot>),
+}
+
+struct ProduceSlot {
+    header: RequestHeader,
+    pending: produce::PendingProduce,
+    guard: Option<InflightGuard>,
 }
 
 /// Releases in-flight bytes when the request is done.
@@ -49,7 +59,7 @@ pub async fn serve(socket: TcpStream, shared: Arc<Shared>) {
     drop(socket.set_nodelay(true));
     let (reader, writer) = socket.into_split();
     let (slots, queue) = mpsc::channel(CONNECTION_INFLIGHT_REQUESTS_MAX);
-    let writer = tokio::spawn(write_responses(writer, queue));
+    let writer = tokio::spawn(write_responses(writer, queue, Arc::clone(&shared)));
     read_requests(reader, &shared, slots).await;
     // The reader dropped its sender: the writer drains what is queued, then ends.
     drop(writer.await);
@@ -141,8 +151,12 @@ fn start_request(frame: Bytes, shared: &Arc<Shared>, inflight: &Arc<AtomicU64>) 
     };
     let silent = matches!(request, Request::Produce { acks: Acks::None, .. });
     let task = match request {
-        // Appended here, in request order; only the acknowledgement is awaited in a task.
+        // Appended here, in request order; the writer awaits the acknowledgement (a task
+        // does for acks = none, which has no response slot).
         Request::Produce { topic, partition, batch, .. } => match produce::start(shared, topic, partition, batch) {
+            Ok(pending) if !silent => {
+                return Some(Some(Slot::Produce(Box::new(ProduceSlot { header, pending, guard }))))
+            }
             Ok(pending) => tokio::spawn(finish_produce(Arc::clone(shared), header, pending, guard)),
             Err(e) => {
                 drop(guard);
@@ -206,7 +220,7 @@ fn error_frame(correlation_id: u32, e: &Error) -> Vec<Bytes> {
     Response::encode_error(correlation_id, e.code(), &e.to_string(), retry_after_ms)
 }
 
-async fn write_responses(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Slot>) {
+async fn write_responses(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Slot>, shared: Arc<Shared>) {
     let mut writer = BufWriter::with_capacity(64 * 1024, writer);
     while let Some(slot) = queue.recv().await {
         let chunks = match slot {
@@ -217,6 +231,12 @@ async fn write_responses(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Slot>
                 // no longer be trusted to match its requests, so close it.
                 Err(_) => return,
             },
+            Slot::Produce(slot) => {
+                let ProduceSlot { header, pending, guard } = *slot;
+                let result = produce::finish(&shared, pending).await;
+                drop(guard);
+                respond(&shared, &header, result)
+            }
         };
         for chunk in chunks {
             if writer.write_all(&chunk).await.is_err() {
