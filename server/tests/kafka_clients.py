@@ -157,25 +157,24 @@ class KafkaPythonClient:
         finally:
             admin.close()
 
-    def partition_count(self, topic):
+    def describe(self, topic):
+        """The broker's Metadata for one topic, as kafka-python's admin describes it."""
         admin = self.admin()
         try:
             described = admin.describe_topics([topic])
         finally:
             admin.close()
         check(len(described) == 1, "describe_topics(%s) returned %r" % (topic, described))
-        check(described[0]["error_code"] == 0, "metadata of %s: error code %d" % (topic, described[0]["error_code"]))
-        return len(described[0]["partitions"])
+        return described[0]
+
+    def partition_count(self, topic):
+        described = self.describe(topic)
+        check(described["error_code"] == 0, "metadata of %s: error code %d" % (topic, described["error_code"]))
+        return len(described["partitions"])
 
     def metadata_error(self, topic):
         """The error code the broker's Metadata gives for one topic (0: none)."""
-        admin = self.admin()
-        try:
-            described = admin.describe_topics([topic])
-        finally:
-            admin.close()
-        check(len(described) == 1, "describe_topics(%s) returned %r" % (topic, described))
-        return described[0]["error_code"]
+        return self.describe(topic)["error_code"]
 
     def produce(self, topic, codec, pairs):
         """Produces (key, value) pairs with an idempotent producer; returns per pair the

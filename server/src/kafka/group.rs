@@ -66,10 +66,6 @@ pub struct SyncOutcome {
     pub error_code: i16,
     /// The member's assignment (opaque to the broker).
     pub assignment: Bytes,
-    /// Protocol type and name of the generation.
-    pub protocol_type: Option<String>,
-    /// See `protocol_type`.
-    pub protocol: Option<String>,
 }
 
 /// A JoinGroup as the coordinator needs it.
@@ -351,38 +347,25 @@ impl KafkaGroups {
             drop(tx.send(SyncOutcome { error_code: code, ..Default::default() }));
             return rx;
         }
-        let outcome = |group: &Group, assignment: Bytes| SyncOutcome {
-            error_code: 0,
-            assignment,
-            protocol_type: group.protocol_type.clone(),
-            protocol: group.protocol.clone(),
-        };
         match group.phase {
             Phase::Empty | Phase::PreparingRebalance => {
                 drop(tx.send(SyncOutcome { error_code: codes::REBALANCE_IN_PROGRESS, ..Default::default() }));
             }
             Phase::Stable => {
                 let assignment = group.members.get(member_id).map(|m| m.assignment.clone()).unwrap_or_default();
-                drop(tx.send(outcome(group, assignment)));
+                drop(tx.send(SyncOutcome { error_code: 0, assignment }));
             }
             Phase::AwaitingSync if group.leader.as_deref() == Some(member_id) => {
                 let mut assignments: HashMap<String, Bytes> = assignments.into_iter().collect();
-                let protocol_type = group.protocol_type.clone();
-                let protocol = group.protocol.clone();
                 for (id, member) in &mut group.members {
                     member.assignment = assignments.remove(id).unwrap_or_default();
                     if let Some(waiter) = member.sync_waiter.take() {
-                        drop(waiter.send(SyncOutcome {
-                            error_code: 0,
-                            assignment: member.assignment.clone(),
-                            protocol_type: protocol_type.clone(),
-                            protocol: protocol.clone(),
-                        }));
+                        drop(waiter.send(SyncOutcome { error_code: 0, assignment: member.assignment.clone() }));
                     }
                 }
                 group.phase = Phase::Stable;
                 let assignment = group.members.get(member_id).map(|m| m.assignment.clone()).unwrap_or_default();
-                drop(tx.send(outcome(group, assignment)));
+                drop(tx.send(SyncOutcome { error_code: 0, assignment }));
             }
             Phase::AwaitingSync => {
                 if let Some(member) = group.members.get_mut(member_id) {
