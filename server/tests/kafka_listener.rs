@@ -425,9 +425,18 @@ async fn every_api_at_every_served_version() {
         assert_eq!(client.call(&request, v).await.responses[0].error_code, 3, "already gone");
     }
 
-    // An api rill does not serve closes the connection (as a Kafka broker does).
+    // Apis rill does not serve that clients try without ApiVersions get an error answer.
+    let mut describe = DescribeConfigsRequest::default();
+    let mut resource = kafka_protocol::messages::describe_configs_request::DescribeConfigsResource::default();
+    resource.resource_type = 2;
+    resource.resource_name = StrBytes::from_static_str("t3");
+    describe.resources = vec![resource];
+    assert_eq!(client.call(&describe, 1).await.results[0].error_code, 35, "UNSUPPORTED_VERSION");
+    assert_eq!(client.call(&ListGroupsRequest::default(), 3).await.error_code, 35);
+    assert_eq!(client.call(&SaslHandshakeRequest::default(), 1).await.error_code, 33);
+    // Any other api closes the connection (as a Kafka broker does), the reason logged.
     client.correlation += 1;
-    client.send(&DescribeConfigsRequest::default(), 1).await;
+    client.send(&EndTxnRequest::default(), 1).await;
     assert!(client.receive_frame().await.is_none(), "connection closed");
     let mut other = KafkaClient::connect(addr).await;
     other.stream.write_all(&[0, 0, 0, 8, 0x03, 0xe7, 0, 0, 0, 0, 0, 1]).await.expect("write");

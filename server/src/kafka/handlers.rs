@@ -132,6 +132,90 @@ pub async fn execute(
     }
 }
 
+/// Kafka's `UNSUPPORTED_VERSION`, the answer to an api rill does not serve.
+const UNSUPPORTED_VERSION: i16 = 35;
+/// Kafka's `UNSUPPORTED_SASL_MECHANISM`.
+const UNSUPPORTED_SASL_MECHANISM: i16 = 33;
+
+/// An error response for an api rill does not serve but a client may try without checking
+/// ApiVersions (admin tools, SASL): UNSUPPORTED_VERSION on every item, or
+/// UNSUPPORTED_SASL_MECHANISM with no mechanisms. `None` for the others (the connection
+/// closes, with the reason logged).
+pub fn unserved(request: RequestKind) -> Option<ResponseKind> {
+    use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+    use kafka_protocol::messages::describe_configs_response::DescribeConfigsResult;
+    use kafka_protocol::messages::describe_groups_response::DescribedGroup;
+    use kafka_protocol::messages::offset_for_leader_epoch_response::{EpochEndOffset, OffsetForLeaderTopicResult};
+    use kafka_protocol::messages::{
+        DeleteGroupsResponse, DescribeClusterResponse, DescribeConfigsResponse, DescribeGroupsResponse,
+        ListGroupsResponse, OffsetForLeaderEpochResponse, SaslHandshakeResponse,
+    };
+    Some(match request {
+        RequestKind::SaslHandshake(_) => {
+            let mut response = SaslHandshakeResponse::default();
+            response.error_code = UNSUPPORTED_SASL_MECHANISM;
+            ResponseKind::SaslHandshake(response)
+        }
+        RequestKind::ListGroups(_) => {
+            let mut response = ListGroupsResponse::default();
+            response.error_code = UNSUPPORTED_VERSION;
+            ResponseKind::ListGroups(response)
+        }
+        RequestKind::DescribeCluster(_) => {
+            let mut response = DescribeClusterResponse::default();
+            response.error_code = UNSUPPORTED_VERSION;
+            ResponseKind::DescribeCluster(response)
+        }
+        RequestKind::DescribeGroups(r) => {
+            let mut response = DescribeGroupsResponse::default();
+            for group_id in r.groups {
+                let mut group = DescribedGroup::default();
+                group.error_code = UNSUPPORTED_VERSION;
+                group.group_id = group_id;
+                response.groups.push(group);
+            }
+            ResponseKind::DescribeGroups(response)
+        }
+        RequestKind::DeleteGroups(r) => {
+            let mut response = DeleteGroupsResponse::default();
+            for group_id in r.groups_names {
+                let mut result = DeletableGroupResult::default();
+                result.error_code = UNSUPPORTED_VERSION;
+                result.group_id = group_id;
+                response.results.push(result);
+            }
+            ResponseKind::DeleteGroups(response)
+        }
+        RequestKind::DescribeConfigs(r) => {
+            let mut response = DescribeConfigsResponse::default();
+            for resource in r.resources {
+                let mut result = DescribeConfigsResult::default();
+                result.error_code = UNSUPPORTED_VERSION;
+                result.resource_type = resource.resource_type;
+                result.resource_name = resource.resource_name;
+                response.results.push(result);
+            }
+            ResponseKind::DescribeConfigs(response)
+        }
+        RequestKind::OffsetForLeaderEpoch(r) => {
+            let mut response = OffsetForLeaderEpochResponse::default();
+            for topic in r.topics {
+                let mut result = OffsetForLeaderTopicResult::default();
+                result.topic = topic.topic;
+                for wanted in topic.partitions {
+                    let mut partition = EpochEndOffset::default();
+                    partition.error_code = UNSUPPORTED_VERSION;
+                    partition.partition = wanted.partition;
+                    result.partitions.push(partition);
+                }
+                response.topics.push(result);
+            }
+            ResponseKind::OffsetForLeaderEpoch(response)
+        }
+        _ => return None,
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // Produce
 

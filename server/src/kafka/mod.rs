@@ -223,7 +223,22 @@ fn start_request(context: &Arc<KafkaContext>, mut body: Bytes) -> Result<Option<
         let bytes = encode_response(&header, key, 0, &ResponseKind::ApiVersions(response))?;
         return Ok(Some(tokio::spawn(async move { Some(bytes) })));
     }
-    let (min, max) = supported_versions(key).ok_or_else(|| format!("api {key:?} is not served by rill"))?;
+    let Some((min, max)) = supported_versions(key) else {
+        // Not served (and not in ApiVersions): answered with an error where the api has a
+        // place for one, else the connection closes.
+        let valid = key.valid_versions();
+        let unserved = (valid.min..=valid.max)
+            .contains(&version)
+            .then(|| RequestKind::decode(key, &mut body, version).ok())
+            .flatten()
+            .and_then(handlers::unserved);
+        let Some(response) = unserved else {
+            return Err(format!("api {key:?} v{version} is not served by rill"));
+        };
+        tracing::debug!(?key, version, "Kafka api not served: answered with an error");
+        let bytes = encode_response(&header, key, version, &response)?;
+        return Ok(Some(tokio::spawn(async move { Some(bytes) })));
+    };
     if version < min || version > max {
         return Err(format!("{key:?} v{version} is outside the served versions {min}..={max}"));
     }
