@@ -409,16 +409,8 @@ impl KafkaGroups {
         if generation < 0 && member_id.is_empty() {
             return 0;
         }
-        let now = Instant::now();
-        let mut groups = self.groups.lock();
-        let Some(group) = groups.get_mut(group_id) else { return codes::UNKNOWN_MEMBER_ID };
-        if let Err(code) = group.check_member(member_id, generation, now) {
-            return code;
-        }
-        match group.phase {
-            Phase::PreparingRebalance => codes::REBALANCE_IN_PROGRESS,
-            _ => 0,
-        }
+        // The same checks as a heartbeat (which a commit also counts as).
+        self.heartbeat(group_id, member_id, generation)
     }
 
     /// Removes members whose session expired and completes rebalances whose deadline
