@@ -162,6 +162,9 @@ pub struct StoreConfig {
     /// A producer id with no batch for this long is forgotten by each partition; its next
     /// batch must then start a new sequence at 0 (Kafka's `producer.id.expiration.ms`).
     pub producer_id_expiration_ms: u64,
+    /// This node's id in a cluster (0 for a single node): the high bits of the producer
+    /// ids it issues, so ids from different leaders never collide.
+    pub node_id: u32,
 }
 
 impl Default for StoreConfig {
@@ -174,6 +177,7 @@ impl Default for StoreConfig {
             clock: Arc::new(SystemClock),
             retention_check_interval_ms: Some(30_000),
             producer_id_expiration_ms: DAY_MS,
+            node_id: 0,
         }
     }
 }

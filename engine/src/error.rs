@@ -227,6 +227,36 @@ pub enum Error {
         /// The lock file.
         path: PathBuf,
     },
+
+    /// A leader epoch older than one this partition has already seen.
+    #[error("leader epoch {epoch} is older than epoch {latest}, already in this log")]
+    StaleLeaderEpoch {
+        /// The epoch offered.
+        epoch: u32,
+        /// The newest epoch the partition knows.
+        latest: u32,
+    },
+
+    /// A client write reached a replica that is not the partition's leader (or a replica
+    /// write reached the leader).
+    #[error("partition {partition} is a {role} here")]
+    NotLeader {
+        /// `topic-partition`.
+        partition: String,
+        /// What this replica is: "follower" or "leader".
+        role: &'static str,
+    },
+
+    /// Batches from the leader do not continue this replica's log.
+    #[error("replica batch for {partition} starts at offset {found}, the log ends at {expected}")]
+    ReplicaGap {
+        /// `topic-partition`.
+        partition: String,
+        /// The log end of this replica.
+        expected: u64,
+        /// The batch's base offset.
+        found: u64,
+    },
 }
 
 impl Error {

@@ -33,6 +33,7 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod producer;
+pub mod replica;
 pub mod segment;
 pub(crate) mod sync;
 
@@ -44,6 +45,6 @@ pub use cursor::{
 pub use error::{Error, Result};
 pub use format::{Compression, Header, ProducerFields, Record, StoredRecord};
 pub use log::completion::{AppendHandle, AppendInfo};
-pub use log::partition::{Partition, RecoveryReport};
+pub use log::partition::{Partition, RecoveryReport, Role};
 pub use log::store::{Store, Topic};
 pub use producer::ProducerIdentity;

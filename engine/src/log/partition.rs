@@ -27,6 +27,7 @@ use crate::limits::PRODUCERS_PER_PARTITION_MAX;
 use crate::metrics::{HistogramSnapshot, LatencyHistogram};
 use crate::producer::state::increment_sequence;
 use crate::producer::{snapshot, BatchMetadata, ProducerRegistry, ProducerStates, SequenceCheck};
+use crate::replica::EpochCache;
 use crate::segment::{parse_log_file_name, IndexingState, OpenKind, ScanReport, Segment, SegmentConfig};
 
 /// Name of the file whose presence says the partition was closed cleanly.
@@ -42,7 +43,31 @@ struct Appender {
     active_first_append_ms: Option<i64>,
     /// Idempotent-producer state as of `next_offset`.
     producers: ProducerStates,
+    /// Leader epochs of the log (persisted in `leader-epoch.checkpoint`).
+    epochs: EpochCache,
+    /// Who writes: the leader stamps `leader_epoch` on client batches; a follower only
+    /// takes the leader's batches.
+    role: Role,
+    leader_epoch: u32,
     closed: bool,
+}
+
+/// Which writes a partition accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Client appends, stamped with the leader epoch (a single node is always this).
+    Leader,
+    /// Only replica appends copied from the leader.
+    Follower,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+        }
+    }
 }
 
 /// What a partition needs from its store besides its own configuration.
@@ -88,6 +113,11 @@ pub struct Partition {
     appender: Mutex<Appender>,
     segments: RwLock<Arc<Vec<Arc<Segment>>>>,
     end: EndWatch,
+    /// The high watermark, published by the replication layer; consumers of a replicated
+    /// partition read below it (a single node's consumers read below `end`).
+    high_watermark: EndWatch,
+    replicated: AtomicBool,
+    high_watermark_lock: Mutex<()>,
     log_start: AtomicU64,
     poisoned: AtomicBool,
     poison_cause: Mutex<Option<String>>,
@@ -121,6 +151,8 @@ impl Partition {
         let log_start = segments.first().map_or(0, |s| s.base_offset());
         appender.producers =
             load_producer_state(&*storage, dir, &segments, appender.next_offset, context.clock.now_ms())?;
+        appender.epochs = load_epochs(&*storage, dir, &segments, appender.next_offset)?;
+        appender.leader_epoch = appender.epochs.latest_epoch();
         let end = appender.next_offset;
         let partition = Arc::new(Partition {
             topic: topic.to_string(),
@@ -134,6 +166,9 @@ impl Partition {
             appender: Mutex::new(appender),
             segments: RwLock::new(Arc::new(segments)),
             end: EndWatch::new(end),
+            high_watermark: EndWatch::new(0),
+            replicated: AtomicBool::new(false),
+            high_watermark_lock: Mutex::new(()),
             log_start: AtomicU64::new(log_start),
             poisoned: AtomicBool::new(false),
             poison_cause: Mutex::new(None),
@@ -191,10 +226,34 @@ impl Partition {
         self.log_start.load(Ordering::Acquire)
     }
 
-    /// Offset the next visible record will get: every record below it is acknowledged per
-    /// the fsync policy and readable.
+    /// Offset the next record visible to consumers will get: every record below it is
+    /// acknowledged per the fsync policy (and, on a replicated partition, is below the high
+    /// watermark) and readable.
     pub fn end_offset(&self) -> u64 {
+        self.visible_end()
+    }
+
+    /// End of the local log: acknowledged per the fsync policy, not necessarily replicated.
+    /// Followers fetch below it.
+    pub fn log_end_offset(&self) -> u64 {
         self.end.load()
+    }
+
+    fn visible_end(&self) -> u64 {
+        let end = self.end.load();
+        if self.replicated.load(Ordering::Acquire) {
+            end.min(self.high_watermark.load())
+        } else {
+            end
+        }
+    }
+
+    fn visible_watch(&self) -> &EndWatch {
+        if self.replicated.load(Ordering::Acquire) {
+            &self.high_watermark
+        } else {
+            &self.end
+        }
     }
 
     /// Latency of the flusher's `fdatasync` calls.
@@ -303,6 +362,9 @@ impl Partition {
             return Err(Error::Closed);
         }
         self.check_writable()?;
+        if appender.role != Role::Leader {
+            return Err(Error::NotLeader { partition: self.name(), role: appender.role.name() });
+        }
         let producer = match header.producer {
             None => None,
             Some(fields) => match self.check_producer(&mut appender, &fields, header.record_count)? {
@@ -312,11 +374,36 @@ impl Partition {
         };
         self.maybe_roll(&mut appender, &header, batch.len() as u64)?;
         let base_offset = appender.next_offset;
+        let leader_epoch = appender.leader_epoch;
         set_base_offset(&mut batch, base_offset);
-        set_leader_epoch(&mut batch, 0);
-        let header = BatchHeader { base_offset, leader_epoch: 0, ..header };
+        set_leader_epoch(&mut batch, leader_epoch);
+        let header = BatchHeader { base_offset, leader_epoch, ..header };
+        self.write_locked(&mut appender, &batch, &header, producer)
+    }
+
+    /// Writes a batch whose offsets and epoch are final, records its producer and epoch,
+    /// and answers per the fsync policy. Called under the appender lock.
+    fn write_locked(
+        &self,
+        appender: &mut Appender,
+        batch: &[u8],
+        header: &BatchHeader,
+        producer: Option<ProducerFields>,
+    ) -> Result<AppendHandle> {
+        debug_assert_eq!(header.base_offset, appender.next_offset, "offsets are contiguous");
+        if header.leader_epoch > appender.epochs.latest_epoch() {
+            // The epoch's first batch: the cache names where it starts before the batch
+            // exists, so a crash can only leave an entry at or past the log end.
+            let mut epochs = appender.epochs.clone();
+            epochs.assign(header.leader_epoch, header.base_offset)?;
+            if let Err(e) = epochs.persist(&*self.storage, &self.dir) {
+                self.poison(&e);
+                return Err(e);
+            }
+            appender.epochs = epochs;
+        }
         let Appender { active, indexing, .. } = &mut *appender;
-        if let Err(e) = active.append(&batch, &header, indexing) {
+        if let Err(e) = active.append(batch, header, indexing) {
             // The file may now hold part of the batch; only recovery can tell what is valid.
             self.poison(&e);
             return Err(e);
@@ -324,9 +411,9 @@ impl Partition {
         appender.next_offset = header.next_offset();
         appender.active_first_append_ms.get_or_insert_with(|| self.clock.now_ms());
         if let Some(fields) = producer {
-            appender.producers.record(&fields, batch_metadata(&fields, &header), self.clock.now_ms());
+            appender.producers.record(&fields, batch_metadata(&fields, header), self.clock.now_ms());
         }
-        let info = AppendInfo { base_offset, last_offset: header.last_offset(), duplicate: false };
+        let info = AppendInfo { base_offset: header.base_offset, last_offset: header.last_offset(), duplicate: false };
         match self.config.fsync {
             FsyncPolicy::Always => {
                 let completion = Arc::new(Completion::default());
@@ -492,9 +579,19 @@ impl Partition {
     }
 
     /// Reads whole batches starting with the one that contains `offset`, up to `max_bytes`
-    /// (at least one batch). Returns an empty buffer at the end of the log.
+    /// (at least one batch), below the end visible to consumers. Returns an empty buffer at
+    /// that end.
     pub fn read(&self, offset: u64, max_bytes: u64) -> Result<Bytes> {
-        let end = self.end.load();
+        self.read_below(offset, max_bytes, self.visible_end())
+    }
+
+    /// [`Partition::read`] for a follower's replica fetch: below the local log end, which
+    /// may be past the high watermark.
+    pub fn read_replica(&self, offset: u64, max_bytes: u64) -> Result<Bytes> {
+        self.read_below(offset, max_bytes, self.end.load())
+    }
+
+    fn read_below(&self, offset: u64, max_bytes: u64, end: u64) -> Result<Bytes> {
         let segments = Arc::clone(&self.segments.read());
         let log_start = self.log_start_offset();
         if offset == end {
@@ -527,7 +624,7 @@ impl Partition {
     /// Offset of the first record whose timestamp is at least `timestamp_ms` ("replay from
     /// T"), or `None` if no visible record is that recent.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
-        let end = self.end.load();
+        let end = self.visible_end();
         let segments = Arc::clone(&self.segments.read());
         for segment in segments.iter() {
             if segment.max_timestamp_ms().is_none_or(|max| max < timestamp_ms) {
@@ -549,18 +646,220 @@ impl Partition {
 
     /// Blocks until a record at `offset` is visible (returns `true`) or `timeout` passes.
     pub fn wait_for(&self, offset: u64, timeout: Duration) -> bool {
-        self.end.wait_past(offset, Instant::now() + timeout)
+        self.visible_watch().wait_past(offset, Instant::now() + timeout)
     }
 
     /// Completes when a record at `offset` is visible or the partition closes.
     pub fn wait_for_async(&self, offset: u64) -> impl std::future::Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| {
-            if self.end.register(offset, cx.waker()) {
+            if self.visible_watch().register(offset, cx.waker()) {
                 std::task::Poll::Ready(())
             } else {
                 std::task::Poll::Pending
             }
         })
+    }
+
+    /// Makes this replica the partition's leader for `epoch` (replicated mode): client
+    /// appends are stamped with `epoch`, whose first offset is recorded now, and consumers
+    /// read below the high watermark. Returns the log end, where the epoch begins.
+    pub fn become_leader(&self, epoch: u32) -> Result<u64> {
+        self.set_role(Role::Leader, epoch)
+    }
+
+    /// Makes this replica a follower in `epoch`: only [`Partition::append_replica`] writes.
+    pub fn become_follower(&self, epoch: u32) -> Result<u64> {
+        self.set_role(Role::Follower, epoch)
+    }
+
+    fn set_role(&self, role: Role, epoch: u32) -> Result<u64> {
+        let mut appender = self.appender.lock();
+        if appender.closed {
+            return Err(Error::Closed);
+        }
+        let latest = appender.epochs.latest_epoch();
+        if epoch < latest {
+            return Err(Error::StaleLeaderEpoch { epoch, latest });
+        }
+        if role == Role::Leader && epoch > latest {
+            let mut epochs = appender.epochs.clone();
+            epochs.assign(epoch, appender.next_offset)?;
+            epochs.persist(&*self.storage, &self.dir)?;
+            appender.epochs = epochs;
+        }
+        appender.role = role;
+        appender.leader_epoch = epoch;
+        self.replicated.store(true, Ordering::Release);
+        Ok(appender.next_offset)
+    }
+
+    /// The role and epoch this replica runs with.
+    pub fn role(&self) -> (Role, u32) {
+        let appender = self.appender.lock();
+        (appender.role, appender.leader_epoch)
+    }
+
+    /// The newest leader epoch in this log's epoch cache (0 if none is recorded).
+    pub fn latest_epoch(&self) -> u32 {
+        self.appender.lock().epochs.latest_epoch()
+    }
+
+    /// The leader epochs recorded for this log, oldest first.
+    pub fn epochs(&self) -> Vec<crate::replica::EpochEntry> {
+        self.appender.lock().epochs.entries().to_vec()
+    }
+
+    /// Kafka's OffsetsForLeaderEpoch: the largest epoch not above `epoch` in this log and
+    /// the offset where it ends here (the newest epoch ends at the acknowledged log end).
+    pub fn end_offset_for_epoch(&self, epoch: u32) -> (u32, u64) {
+        let appender = self.appender.lock();
+        appender.epochs.end_offset_for(epoch, self.end.load())
+    }
+
+    /// The high watermark (replicated mode): consumers read below it.
+    pub fn high_watermark(&self) -> u64 {
+        self.high_watermark.load()
+    }
+
+    /// Moves the high watermark forward (never back) and wakes consumers waiting on it.
+    pub fn advance_high_watermark(&self, high_watermark: u64) {
+        // Leader fetch handlers and follower fetchers may race; the larger value wins.
+        let _serial = self.high_watermark_lock.lock();
+        if high_watermark > self.high_watermark.load() {
+            self.high_watermark.publish(high_watermark);
+        }
+    }
+
+    /// Appends batches copied from the leader (a replica fetch response): each keeps its
+    /// base offset and leader epoch, must continue this log exactly, and passes the same
+    /// header, CRC and record checks as a client batch. Producer state and the epoch cache
+    /// follow the batches. Returns the handle of the last batch (`None` for no bytes).
+    pub fn append_replica(&self, batches: Bytes) -> Result<Option<AppendHandle>> {
+        self.check_writable()?;
+        let mut appender = self.appender.lock();
+        if appender.closed {
+            return Err(Error::Closed);
+        }
+        self.check_writable()?;
+        if appender.role != Role::Follower {
+            return Err(Error::NotLeader { partition: self.name(), role: appender.role.name() });
+        }
+        let total = batches.len();
+        let mut consumed = 0;
+        let mut last = None;
+        for batch in BatchIter::new(batches) {
+            let batch = batch?;
+            batch.validate_records()?;
+            let header = *batch.header();
+            consumed += batch.as_bytes().len();
+            self.check_batch_size(batch.as_bytes().len())?;
+            if header.base_offset != appender.next_offset {
+                return Err(Error::ReplicaGap {
+                    partition: self.name(),
+                    expected: appender.next_offset,
+                    found: header.base_offset,
+                });
+            }
+            let latest = appender.epochs.latest_epoch();
+            if header.leader_epoch < latest {
+                return Err(Error::StaleLeaderEpoch { epoch: header.leader_epoch, latest });
+            }
+            self.maybe_roll(&mut appender, &header, batch.as_bytes().len() as u64)?;
+            last = Some(self.write_locked(&mut appender, batch.as_bytes(), &header, header.producer)?);
+        }
+        if consumed != total {
+            return Err(Error::MalformedBatch {
+                reason: format!("replica data ends with {} bytes that are not a whole batch", total - consumed),
+            });
+        }
+        Ok(last)
+    }
+
+    /// Cuts the log of a follower so that it ends at or below `offset`, at a batch boundary
+    /// (a divergent suffix found through the leader epochs). Returns the new log end.
+    ///
+    /// Every earlier append must be acknowledged first (nothing may wait in group commit
+    /// for bytes that are cut). Whole segments past the cut are unlinked; a sealed segment
+    /// that holds the cut is rewritten to its prefix and renamed over (readers keep their
+    /// maps of the old file); the active one is cut in place. The log is then reopened from
+    /// disk, as recovery would, which also rebuilds producer state.
+    pub fn truncate_to(&self, offset: u64) -> Result<u64> {
+        let mut appender = self.appender.lock();
+        if appender.closed {
+            return Err(Error::Closed);
+        }
+        self.check_writable()?;
+        if appender.role != Role::Follower {
+            return Err(Error::NotLeader { partition: self.name(), role: appender.role.name() });
+        }
+        if offset >= appender.next_offset {
+            // Nothing to cut from the log, but epochs that begin at its end wrote nothing
+            // here (this replica led them without appending): forget them, or the leader's
+            // batches of an older epoch would look stale.
+            let end = appender.next_offset;
+            let mut epochs = appender.epochs.clone();
+            if epochs.truncate_from_end(end, false) {
+                epochs.persist(&*self.storage, &self.dir)?;
+                appender.epochs = epochs;
+            }
+            return Ok(end);
+        }
+        if self.end.load() != appender.next_offset {
+            return Err(Error::InvalidConfig {
+                reason: format!("{}: truncation while appends await their sync", self.name()),
+            });
+        }
+        let log_start = self.log_start_offset();
+        if offset < log_start {
+            return Err(Error::OffsetOutOfRange { requested: offset, log_start, log_end: appender.next_offset });
+        }
+        let result = self.cut_files(&mut appender, offset);
+        if let Err(e) = &result {
+            self.poison(e);
+        }
+        result
+    }
+
+    fn cut_files(&self, appender: &mut Appender, offset: u64) -> Result<u64> {
+        let mut epochs = appender.epochs.clone();
+        if epochs.truncate_from_end(offset, false) {
+            epochs.persist(&*self.storage, &self.dir)?;
+        }
+        let segments = Arc::clone(&self.segments.read());
+        let end = appender.next_offset;
+        for segment in segments.iter().rev() {
+            if segment.base_offset() >= offset && segment.base_offset() > log_start_of(&segments) {
+                segment.remove_files(&*self.storage)?;
+                continue;
+            }
+            let Some(position) = segment.locate(offset, end)? else { break };
+            if segment.is_sealed() {
+                copy_prefix(&*self.storage, segment.log_path(), position)?;
+            } else {
+                segment.log_file().set_len(position)?;
+                segment.log_file().sync_data()?;
+            }
+            break;
+        }
+        self.storage.sync_dir(&self.dir)?;
+        let (reopened, mut fresh, _report) =
+            open_segments(&*self.storage, &self.dir, false, &segment_config(&self.config))?;
+        fresh.producers =
+            load_producer_state(&*self.storage, &self.dir, &reopened, fresh.next_offset, self.clock.now_ms())?;
+        if epochs.truncate_from_end(fresh.next_offset, true) {
+            epochs.persist(&*self.storage, &self.dir)?;
+        }
+        fresh.epochs = epochs;
+        fresh.role = appender.role;
+        fresh.leader_epoch = appender.leader_epoch;
+        let new_end = fresh.next_offset;
+        debug_assert!(new_end <= offset, "the cut ends at or below the offset asked for");
+        *self.segments.write() = Arc::new(reopened);
+        *appender = fresh;
+        // The only place the end moves back: nothing is pending (checked above) and no
+        // flusher round is in flight for bytes past the cut.
+        self.end.reset(new_end);
+        Ok(new_end)
     }
 
     /// Deletes whole sealed segments beyond the retention limits; never the active one.
@@ -623,6 +922,7 @@ impl Partition {
         }
         self.stop_flusher();
         self.end.close();
+        self.high_watermark.close();
         if !clean || self.poisoned.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -658,6 +958,9 @@ fn open_segments(storage: &dyn Storage, dir: &Path, clean_shutdown: bool, config
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if let Some(base) = parse_log_file_name(name) {
             bases.push(base);
+        } else if name.ends_with(".log.cut") {
+            // An unfinished truncation: the old file is still in place.
+            storage.remove_file(&path)?;
         } else if name.ends_with(".index") || name.ends_with(".timeindex") {
             // Indices without their log are leftovers of a deleted or unfinished segment.
             if !storage.exists(&path.with_extension("log")) {
@@ -677,6 +980,9 @@ fn open_segments(storage: &dyn Storage, dir: &Path, clean_shutdown: bool, config
             next_offset: 0,
             active_first_append_ms: None,
             producers: ProducerStates::new(),
+            epochs: EpochCache::default(),
+            role: Role::Leader,
+            leader_epoch: 0,
             closed: false,
         };
         return Ok((vec![segment], appender, report));
@@ -703,6 +1009,9 @@ fn open_segments(storage: &dyn Storage, dir: &Path, clean_shutdown: bool, config
         active,
         indexing,
         producers: ProducerStates::new(),
+        epochs: EpochCache::default(),
+        role: Role::Leader,
+        leader_epoch: 0,
         closed: false,
     };
     Ok((segments, appender, report))
@@ -781,4 +1090,63 @@ fn load_producer_state(
 
 fn read_snapshot(storage: &dyn Storage, path: &Path) -> Result<(ProducerStates, u64)> {
     snapshot::decode(&crate::io::read_bounded(storage, path, snapshot::SNAPSHOT_SIZE_BYTES_MAX)?)
+}
+
+/// Base offset of the first segment.
+fn log_start_of(segments: &[Arc<Segment>]) -> u64 {
+    segments.first().map_or(0, |s| s.base_offset())
+}
+
+/// Replaces the sealed log file at `path` by its first `len` bytes: the prefix is written
+/// to a new file, synced and renamed over the old one, so a reader's map of the old file
+/// stays valid and a crash leaves one or the other.
+fn copy_prefix(storage: &dyn Storage, path: &Path, len: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let old = storage.open(path, OpenMode::ReadWrite)?;
+    let tmp = path.with_extension("log.cut");
+    if storage.exists(&tmp) {
+        storage.remove_file(&tmp)?;
+    }
+    let new = storage.open(&tmp, OpenMode::CreateNew)?;
+    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+    let mut pos = 0;
+    while pos < len {
+        let n = CHUNK.min(len - pos) as usize;
+        old.read_exact_at(&mut buf[..n], pos)?;
+        new.write_all_at(&buf[..n], pos)?;
+        pos += n as u64;
+    }
+    new.sync_data()?;
+    storage.rename(&tmp, path)
+}
+
+/// Loads the leader-epoch cache: the checkpoint file, or none for a log that was never
+/// replicated; a damaged checkpoint is rebuilt from the batch headers. Entries that start
+/// past the log end (a crash cut the log after they were written) are dropped.
+fn load_epochs(storage: &dyn Storage, dir: &Path, segments: &[Arc<Segment>], end_offset: u64) -> Result<EpochCache> {
+    let mut epochs = match EpochCache::load(storage, dir) {
+        Ok(loaded) => loaded.unwrap_or_default(),
+        Err(_) => {
+            let mut rebuilt = EpochCache::default();
+            let mut failed = None;
+            for segment in segments {
+                segment.visit_headers(segment.base_offset(), end_offset, |header| {
+                    if header.leader_epoch > rebuilt.latest_epoch() {
+                        if let Err(e) = rebuilt.assign(header.leader_epoch, header.base_offset) {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                })?;
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            rebuilt.persist(storage, dir)?;
+            rebuilt
+        }
+    };
+    if epochs.truncate_from_end(end_offset.saturating_add(1), false) {
+        epochs.persist(storage, dir)?;
+    }
+    Ok(epochs)
 }

@@ -131,7 +131,7 @@ impl Store {
         let storage = Arc::clone(&config.storage);
         storage.create_dir_all(&dir.join(TOPICS_DIR))?;
         let lock = lock_dir(&dir)?;
-        let registry = Arc::new(ProducerRegistry::open(Arc::clone(&storage), &dir)?);
+        let registry = Arc::new(ProducerRegistry::open(Arc::clone(&storage), &dir, config.node_id)?);
         let context = PartitionContext {
             storage,
             clock: Arc::clone(&config.clock),

@@ -70,6 +70,13 @@ impl EndWatch {
         self.wake_all();
     }
 
+    /// Moves the end back after a follower cut its log. The caller holds the appender lock
+    /// and no publish can be in flight (nothing awaits a sync).
+    pub fn reset(&self, end: u64) {
+        self.end.value.store(end, Ordering::Release);
+        self.wake_all();
+    }
+
     /// Wakes every waiter for good: the log is closing.
     pub fn close(&self) {
         self.waiters.lock().closed = true;

@@ -22,6 +22,12 @@ pub const REGISTRY_MAGIC: [u8; 4] = *b"RPID";
 pub const REGISTRY_VERSION: u16 = 1;
 /// Producer ids reserved per durable write.
 pub const ID_BLOCK_SIZE: i64 = 1_000;
+/// A producer id is `node << NODE_ID_SHIFT | n`: the nodes of a cluster never issue the same
+/// id, and a single node (node 0) issues 0, 1, 2, … The `n` part is what `producers.meta`
+/// counts.
+pub const NODE_ID_SHIFT: u32 = 40;
+/// Most node ids (the id must leave the producer id positive).
+pub const NODE_ID_MAX: u32 = (1 << (63 - NODE_ID_SHIFT)) - 1;
 /// Most transactional ids a store keeps.
 pub const TRANSACTIONAL_IDS_MAX: usize = 100_000;
 const FILE_NAME: &str = "producers.meta";
@@ -47,6 +53,8 @@ struct RegistryState {
 #[derive(Debug)]
 pub struct ProducerRegistry {
     storage: Arc<dyn Storage>,
+    /// `node << NODE_ID_SHIFT`: the high bits of every id this registry issues.
+    node_bits: i64,
     path: PathBuf,
     state: Mutex<RegistryState>,
     /// Current epoch per transactional producer id, for fencing checks on append.
@@ -54,8 +62,12 @@ pub struct ProducerRegistry {
 }
 
 impl ProducerRegistry {
-    /// Loads the registry of the store in `dir` (empty if the file does not exist yet).
-    pub fn open(storage: Arc<dyn Storage>, dir: &Path) -> Result<Self> {
+    /// Loads the registry of the store in `dir` (empty if the file does not exist yet); ids
+    /// it issues carry `node_id` in their high bits.
+    pub fn open(storage: Arc<dyn Storage>, dir: &Path, node_id: u32) -> Result<Self> {
+        if node_id > NODE_ID_MAX {
+            return Err(Error::InvalidConfig { reason: format!("node id {node_id} is above {NODE_ID_MAX}") });
+        }
         let path = dir.join(FILE_NAME);
         let mut state = RegistryState::default();
         if storage.exists(&path) {
@@ -65,7 +77,8 @@ impl ProducerRegistry {
             state.next_id = state.block_end;
         }
         let epochs = state.transactional.values().map(|id| (id.producer_id, id.producer_epoch)).collect();
-        Ok(ProducerRegistry { storage, path, state: Mutex::new(state), epochs: Mutex::new(epochs) })
+        let node_bits = i64::from(node_id) << NODE_ID_SHIFT;
+        Ok(ProducerRegistry { storage, node_bits, path, state: Mutex::new(state), epochs: Mutex::new(epochs) })
     }
 
     /// Issues a producer identity. Without a transactional id: a fresh id with epoch 0.
@@ -75,7 +88,7 @@ impl ProducerRegistry {
         let mut state = self.state.lock();
         let mut next = state.clone();
         let identity = match transactional_id {
-            None => ProducerIdentity { producer_id: issue_id(&mut next), producer_epoch: 0 },
+            None => ProducerIdentity { producer_id: self.node_bits | issue_id(&mut next)?, producer_epoch: 0 },
             Some(tid) => {
                 validate_transactional_id(tid)?;
                 let identity = match next.transactional.get(tid) {
@@ -90,7 +103,7 @@ impl ProducerRegistry {
                                 actual: next.transactional.len() as u64 + 1,
                             });
                         }
-                        ProducerIdentity { producer_id: issue_id(&mut next), producer_epoch: 0 }
+                        ProducerIdentity { producer_id: self.node_bits | issue_id(&mut next)?, producer_epoch: 0 }
                     }
                 };
                 next.transactional.insert(tid.to_string(), identity);
@@ -108,9 +121,16 @@ impl ProducerRegistry {
     }
 
     /// Checks that `producer_id` was issued and that `epoch` is not older than the
-    /// current epoch of a transactional producer.
+    /// current epoch of a transactional producer. In a cluster (node ids from 1), an id
+    /// issued by another node (a leader before a failover) is left to the partition's
+    /// producer state, which knows it from the replicated batches or takes it only from
+    /// sequence 0. A single node (node 0) issued every id it may see.
     pub fn check(&self, producer_id: i64, epoch: i16, base_sequence: i32) -> Result<()> {
-        if producer_id >= self.state.lock().next_id {
+        let single_node = self.node_bits == 0;
+        let mine = producer_id >> NODE_ID_SHIFT == self.node_bits >> NODE_ID_SHIFT;
+        let unissued =
+            if mine { producer_id & ((1 << NODE_ID_SHIFT) - 1) >= self.state.lock().next_id } else { single_node };
+        if producer_id < 0 || unissued {
             return Err(Error::UnknownProducerId { producer_id, base_sequence });
         }
         if let Some(&current_epoch) = self.epochs.lock().get(&producer_id) {
@@ -126,13 +146,20 @@ impl ProducerRegistry {
     }
 }
 
-fn issue_id(state: &mut RegistryState) -> i64 {
+fn issue_id(state: &mut RegistryState) -> Result<i64> {
+    if state.next_id >= (1 << NODE_ID_SHIFT) - 1 {
+        return Err(Error::LimitExceeded {
+            limit: "producer ids per node",
+            max: 1 << NODE_ID_SHIFT,
+            actual: state.next_id as u64,
+        });
+    }
     if state.next_id >= state.block_end {
         state.block_end = state.next_id + ID_BLOCK_SIZE;
     }
     let id = state.next_id;
     state.next_id += 1;
-    id
+    Ok(id)
 }
 
 fn validate_transactional_id(tid: &str) -> Result<()> {
@@ -202,7 +229,7 @@ mod tests {
     fn ids_survive_restart_and_epochs_fence() {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage: Arc<dyn Storage> = Arc::new(StdStorage);
-        let registry = ProducerRegistry::open(Arc::clone(&storage), dir.path()).expect("open");
+        let registry = ProducerRegistry::open(Arc::clone(&storage), dir.path(), 0).expect("open");
         let a = registry.init_producer(None).expect("init");
         let b = registry.init_producer(None).expect("init");
         assert_ne!(a.producer_id, b.producer_id);
@@ -212,9 +239,19 @@ mod tests {
         assert_eq!(t2.producer_epoch, t1.producer_epoch + 1);
         assert!(matches!(registry.check(t1.producer_id, t1.producer_epoch, 0), Err(Error::ProducerFenced { .. })));
         registry.check(t2.producer_id, t2.producer_epoch, 0).expect("current epoch passes");
-        assert!(matches!(registry.check(1 << 40, 0, 0), Err(Error::UnknownProducerId { .. })));
+        assert!(matches!(registry.check(1 << 20, 0, 0), Err(Error::UnknownProducerId { .. })), "not issued yet");
+        assert!(matches!(registry.check(-1, 0, 0), Err(Error::UnknownProducerId { .. })));
+        assert!(
+            matches!(registry.check(1 << NODE_ID_SHIFT, 0, 0), Err(Error::UnknownProducerId { .. })),
+            "a single node issued every id it sees"
+        );
+        let node7_dir = tempfile::tempdir().expect("tempdir");
+        let node7 = ProducerRegistry::open(Arc::clone(&storage), node7_dir.path(), 7).expect("open");
+        assert_eq!(node7.init_producer(None).expect("init").producer_id, 7 << NODE_ID_SHIFT);
+        node7.check(1 << NODE_ID_SHIFT, 0, 0).expect("in a cluster another node's id is left to the partition");
+        assert!(matches!(node7.check((7 << NODE_ID_SHIFT) + 5, 0, 0), Err(Error::UnknownProducerId { .. })));
         drop(registry);
-        let registry = ProducerRegistry::open(storage, dir.path()).expect("reopen");
+        let registry = ProducerRegistry::open(storage, dir.path(), 0).expect("reopen");
         let c = registry.init_producer(None).expect("init");
         assert!(c.producer_id > t1.producer_id && c.producer_id > b.producer_id, "no id reissued");
         let t3 = registry.init_producer(Some("payments")).expect("re-init after restart");
