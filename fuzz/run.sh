@@ -44,7 +44,7 @@ fi
 fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$fuzz_dir"
 
-targets="${FUZZ_TARGETS:-batch_decode batch_roundtrip segment_recovery topic_meta_decode varint snapshot_decode offsets_decode cursor_state_decode config_parse frame_decode store_ops kafka_records}"
+targets="${FUZZ_TARGETS:-batch_decode batch_roundtrip segment_recovery topic_meta_decode varint snapshot_decode offsets_decode cursor_state_decode config_parse frame_decode store_ops kafka_records epochs_decode}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 scratch="${FUZZ_SCRATCH:-$fuzz_dir/target/scratch-corpus}"
 triple="$(rustc +nightly -vV | sed -n 's/^host: //p')"
