@@ -129,13 +129,19 @@ fn records(p: &Partition, from: u64, replica: bool) -> Vec<(u64, Bytes)> {
 }
 
 /// The follower side of KIP-279: ask the leader where the follower's newest epoch ends
-/// there, and cut the follower's log to the smaller of that and its own end of the epoch
-/// the leader answered with.
+/// there. If the follower has the epoch the leader answered with, cut at the smaller of the
+/// two ends of it and stop; if not, cut at its own end of the largest epoch below (dropping
+/// the epochs the leader never had) and ask again with the follower's new newest epoch.
+/// Each round lowers that epoch, so the loop ends.
 fn truncate_to_leader(follower: &Partition, leader: &Partition) -> u64 {
-    let latest = follower.latest_epoch();
-    let (epoch, leader_end) = leader.end_offset_for_epoch(latest);
-    let (_, own_end) = follower.end_offset_for_epoch(epoch);
-    follower.truncate_to(leader_end.min(own_end)).expect("truncate")
+    loop {
+        let (epoch, leader_end) = leader.end_offset_for_epoch(follower.latest_epoch());
+        let (own_epoch, own_end) = follower.end_offset_for_epoch(epoch);
+        if own_epoch == epoch {
+            return follower.truncate_to(leader_end.min(own_end)).expect("truncate");
+        }
+        follower.truncate_to(own_end).expect("truncate to an epoch the leader has");
+    }
 }
 
 /// One replica fetch: the leader learns the follower's end, the follower copies what the
@@ -401,6 +407,7 @@ impl Cluster {
             assert_eq!(found.as_ref().map(|(o, v)| (*o, v)), Some((offset, value)), "new leader lacks acked {offset}");
         }
         let epoch_start = p.become_leader(self.epoch).expect("become leader");
+        trace(format_args!("node {} leads epoch {} from {epoch_start}, isr {:?}", l + 1, self.epoch, self.isr));
         let ids: Vec<u32> = self.nodes.iter().map(|n| n.id).collect();
         self.state = Some(LeaderState::new(
             self.nodes[l].id,
@@ -424,7 +431,13 @@ impl Cluster {
         let p = self.nodes[i].p();
         p.become_follower(self.epoch).expect("become follower");
         let before = p.log_end_offset();
-        if truncate_to_leader(&p, &self.nodes[l].p()) < before {
+        let epochs_before = p.epochs();
+        let after = truncate_to_leader(&p, &self.nodes[l].p());
+        trace(format_args!(
+            "node {} follows {} in epoch {}: end {before} -> {after}, epochs {epochs_before:?} -> {:?}, leader epochs {:?} end {}",
+            i + 1, l + 1, self.epoch, p.epochs(), self.nodes[l].p().epochs(), self.nodes[l].p().log_end_offset()
+        ));
+        if after < before {
             self.cuts += 1;
         }
         self.following[i] = true;
@@ -444,6 +457,7 @@ impl Cluster {
             .collect();
         let batch: Vec<Record> = values.iter().cloned().map(Record::from_value).collect();
         let info = p.append_records(&batch, Compression::None).expect("append").wait().expect("ack");
+        trace(format_args!("append {}..={} at the leader", info.base_offset, info.last_offset));
         for (k, v) in values.into_iter().enumerate() {
             self.pending.push((info.base_offset + k as u64, v));
         }
@@ -514,6 +528,7 @@ impl Cluster {
             drop(self.nodes[i].p().append_records(&[record], Compression::None));
         }
         self.nodes[i].crash(seed);
+        trace(format_args!("node {} crashed", i + 1));
         self.following[i] = false;
         if self.leader == Some(i) {
             self.elect(None);
@@ -525,6 +540,7 @@ impl Cluster {
             return;
         }
         self.nodes[i].start();
+        trace(format_args!("node {} restarted (leader {:?})", i + 1, self.leader.map(|l| l + 1)));
         match self.leader {
             Some(_) => self.follow(i),
             // The partition was offline: a returning ISR member takes over.
@@ -572,6 +588,12 @@ impl Cluster {
     }
 }
 
+fn trace(what: std::fmt::Arguments) {
+    if std::env::var_os("RILL_REPLICATION_TRACE").is_some() {
+        println!("{what}");
+    }
+}
+
 fn run_seed(seed: u64, steps: usize, power_loss: bool) -> (usize, u32, usize) {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut cluster = Cluster::new(power_loss);
@@ -612,6 +634,7 @@ fn run_seeds(power_loss: bool, default_count: u64) {
     let (mut acked, mut epochs, mut cuts) = (0, 0, 0);
     let count = seeds.len();
     for seed in seeds {
+        println!("seed {seed}");
         let (a, e, c) = run_seed(seed, 300, power_loss);
         acked += a;
         epochs += e;
@@ -621,8 +644,8 @@ fn run_seeds(power_loss: bool, default_count: u64) {
         "{count} seeds (power loss: {power_loss}): {acked} records acknowledged, {epochs} leader epochs, \
          {cuts} divergent suffixes cut"
     );
-    assert!(acked > 0 && epochs > count as u32, "records acknowledged ({acked}) across failovers ({epochs})");
     if count > 4 {
+        assert!(acked > 0 && epochs > count as u32, "records acknowledged ({acked}) across failovers ({epochs})");
         assert!(cuts > 0, "the runs exercised divergence");
     }
 }

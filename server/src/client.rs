@@ -197,6 +197,40 @@ impl Client {
         fetched(self.call(request).await?)
     }
 
+    /// A follower's replica fetch (replication): batches from the follower's log end in
+    /// its leader epoch.
+    pub async fn replica_fetch(
+        &self,
+        fetch: crate::cluster::ReplicaFetchRequest,
+    ) -> Result<crate::cluster::ReplicaData> {
+        let crate::cluster::ReplicaFetchRequest {
+            replica_id,
+            topic,
+            partition,
+            leader_epoch,
+            offset,
+            max_bytes,
+            max_wait_ms,
+        } = fetch;
+        let request =
+            Request::ReplicaFetch { replica_id, topic, partition, leader_epoch, offset, max_bytes, max_wait_ms };
+        match self.call(request).await? {
+            Response::ReplicaFetch { high_watermark, log_end, records } => {
+                Ok(crate::cluster::ReplicaData { high_watermark, log_end, records })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Where `epoch` ends on the leader of `topic`/`partition`: the largest epoch there not
+    /// above it, and its end offset.
+    pub async fn epoch_end_offset(&self, topic: &str, partition: u32, epoch: u32) -> Result<(u32, u64)> {
+        match self.call(Request::EpochEndOffset { topic: topic.to_string(), partition, epoch }).await? {
+            Response::EpochEndOffset { epoch, end_offset } => Ok((epoch, end_offset)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The earliest or latest offset of a partition, or the first offset with a timestamp
     /// at or after a time (`None` if no record is that recent).
     pub async fn list_offsets(&self, topic: &str, partition: u32, query: OffsetQuery) -> Result<Option<u64>> {
@@ -457,7 +491,10 @@ fn check_request(request: &Request) -> Result<()> {
             }
             Ok(())
         }
-        Request::Fetch { topic, .. } | Request::ListOffsets { topic, .. } => check_string("topic", topic),
+        Request::Fetch { topic, .. }
+        | Request::ListOffsets { topic, .. }
+        | Request::ReplicaFetch { topic, .. }
+        | Request::EpochEndOffset { topic, .. } => check_string("topic", topic),
         Request::CommitOffset { group, topic, .. } | Request::FetchOffset { group, topic, .. } => {
             check_string("group", group)?;
             check_string("topic", topic)

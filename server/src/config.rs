@@ -105,6 +105,13 @@ pub struct ServerConfig {
     /// defaults), as Kafka's `auto.create.topics.enable`. Off: a typo gets
     /// UNKNOWN_TOPIC_OR_PARTITION instead of a new topic.
     pub kafka_auto_create_topics: bool,
+    /// This node's id in a replicated cluster (from 1); 0, the default, runs one node on
+    /// its own. Producer ids this node issues carry it (docs/format.md).
+    pub node_id: u32,
+    /// In a cluster: fewest in-sync replicas (the leader included) for a write.
+    pub min_insync_replicas: usize,
+    /// In a cluster: a follower not caught up for this long leaves the ISR.
+    pub replica_lag_time_max_ms: u64,
     /// Defaults for new topics.
     pub topic_defaults: TopicDefaults,
 }
@@ -125,6 +132,9 @@ impl Default for ServerConfig {
             kafka_listen: String::new(),
             kafka_advertised_listener: String::new(),
             kafka_auto_create_topics: false,
+            node_id: 0,
+            min_insync_replicas: 2,
+            replica_lag_time_max_ms: 10_000,
             topic_defaults: TopicDefaults::default(),
         }
     }
@@ -165,6 +175,12 @@ impl ServerConfig {
         }
         if self.priority_cursor_idle_close_ms == 0 {
             return bad("priority_cursor_idle_close_ms must be positive".into());
+        }
+        if self.node_id > rill_engine::producer::registry::NODE_ID_MAX {
+            return bad(format!("node_id must be at most {}", rill_engine::producer::registry::NODE_ID_MAX));
+        }
+        if self.node_id != 0 && (self.min_insync_replicas == 0 || self.replica_lag_time_max_ms == 0) {
+            return bad("min_insync_replicas and replica_lag_time_max_ms must be positive".into());
         }
         self.topic_defaults.fsync_policy()?;
         Ok(())

@@ -153,17 +153,19 @@ fn start_request(frame: Bytes, shared: &Arc<Shared>, inflight: &Arc<AtomicU64>) 
     let task = match request {
         // Appended here, in request order; the writer awaits the acknowledgement (a task
         // does for acks = none, which has no response slot).
-        Request::Produce { topic, partition, batch, .. } => match produce::start(shared, topic, partition, batch) {
-            Ok(pending) if !silent => {
-                return Some(Some(Slot::Produce(Box::new(ProduceSlot { header, pending, guard }))))
+        Request::Produce { topic, partition, batch, acks } => {
+            match produce::start(shared, topic, partition, acks, batch) {
+                Ok(pending) if !silent => {
+                    return Some(Some(Slot::Produce(Box::new(ProduceSlot { header, pending, guard }))))
+                }
+                Ok(pending) => tokio::spawn(finish_produce(Arc::clone(shared), header, pending, guard)),
+                Err(e) => {
+                    drop(guard);
+                    shared.metrics.request(header.api_key, true);
+                    return Some(if silent { None } else { Some(Slot::Ready(error_frame(cid, &e))) });
+                }
             }
-            Ok(pending) => tokio::spawn(finish_produce(Arc::clone(shared), header, pending, guard)),
-            Err(e) => {
-                drop(guard);
-                shared.metrics.request(header.api_key, true);
-                return Some(if silent { None } else { Some(Slot::Ready(error_frame(cid, &e))) });
-            }
-        },
+        }
         request => tokio::spawn(run_request(Arc::clone(shared), header, request, guard)),
     };
     Some(if silent { None } else { Some(Slot::Pending(task)) })

@@ -58,6 +58,14 @@ pub enum ErrorCode {
     StaleGeneration = 23,
     /// A member committed a partition that is not assigned to it.
     PartitionNotAssigned = 24,
+    /// This node does not lead the partition (or no longer leads it): refresh metadata and
+    /// send to the leader.
+    NotLeader = 25,
+    /// The request names a leader epoch that is not the partition's current one.
+    FencedLeaderEpoch = 26,
+    /// Fewer replicas than `min_insync_replicas` are in sync: the write is refused (or,
+    /// if already written, not acknowledged).
+    NotEnoughReplicas = 27,
 }
 
 impl ErrorCode {
@@ -90,13 +98,16 @@ impl ErrorCode {
             22 => UnknownMember,
             23 => StaleGeneration,
             24 => PartitionNotAssigned,
+            25 => NotLeader,
+            26 => FencedLeaderEpoch,
+            27 => NotEnoughReplicas,
             _ => return Option::None,
         })
     }
 
     /// Whether a client may retry the same request unchanged.
     pub fn is_retriable(self) -> bool {
-        matches!(self, ErrorCode::Throttled | ErrorCode::ShuttingDown)
+        matches!(self, ErrorCode::Throttled | ErrorCode::ShuttingDown | ErrorCode::NotEnoughReplicas)
     }
 }
 
@@ -207,6 +218,9 @@ pub fn engine_code(e: &rill_engine::Error) -> ErrorCode {
         E::UnknownMember { .. } => ErrorCode::UnknownMember,
         E::StaleGeneration { .. } => ErrorCode::StaleGeneration,
         E::PartitionNotAssigned { .. } => ErrorCode::PartitionNotAssigned,
+        E::NotLeader { .. } => ErrorCode::NotLeader,
+        E::StaleLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
+        E::ReplicaGap { .. } => ErrorCode::OffsetOutOfRange,
         E::Io { .. } | E::Corrupt { .. } | E::Poisoned { .. } | E::Locked { .. } => ErrorCode::StorageError,
         _ => ErrorCode::Internal,
     }

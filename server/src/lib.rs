@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod cmd;
 pub mod config;
 pub mod conn;

@@ -60,8 +60,12 @@ pub mod api {
     pub const LEAVE_GROUP: u16 = 23;
     /// Commit an offset as a member of a consumer group (fenced by generation).
     pub const MEMBER_COMMIT_OFFSET: u16 = 24;
+    /// A follower's replica fetch from a partition leader (replication).
+    pub const REPLICA_FETCH: u16 = 25;
+    /// Where a leader epoch ends on the leader's log (a follower's truncation point).
+    pub const EPOCH_END_OFFSET: u16 = 26;
     /// Number of api keys defined.
-    pub const COUNT: u16 = 25;
+    pub const COUNT: u16 = 27;
 }
 
 /// The only version of every api in protocol v1.
@@ -74,6 +78,9 @@ pub enum Acks {
     None = 0,
     /// Answered when the leader's log acknowledges the batch per the topic's fsync policy.
     Leader = 1,
+    /// Answered when the batch is below the high watermark: every in-sync replica holds
+    /// it (on a single node, the same as `Leader`).
+    All = 2,
 }
 
 /// What a list-offsets request asks for.
@@ -295,6 +302,33 @@ pub enum Request {
         /// The encoded batch.
         batch: Bytes,
     },
+    /// A follower's fetch (replication): batches from `offset` on, below the leader's log
+    /// end; the leader learns the follower's log end from `offset`.
+    ReplicaFetch {
+        /// The follower's node id.
+        replica_id: u32,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The leader epoch the follower follows; another epoch is refused.
+        leader_epoch: u32,
+        /// The follower's log end.
+        offset: u64,
+        /// Most bytes to return.
+        max_bytes: u32,
+        /// Long poll: wait up to this long for data past `offset`.
+        max_wait_ms: u32,
+    },
+    /// Kafka's OffsetsForLeaderEpoch for one partition.
+    EpochEndOffset {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The follower's newest epoch.
+        epoch: u32,
+    },
     /// Read batches.
     Fetch {
         /// Topic.
@@ -501,6 +535,22 @@ pub enum Response {
         /// The batch was a retry answered with its original offsets.
         duplicate: bool,
     },
+    /// A replica fetch's answer.
+    ReplicaFetch {
+        /// The leader's high watermark.
+        high_watermark: u64,
+        /// The leader's log end.
+        log_end: u64,
+        /// Whole batches, as on disk (offsets and epochs as the leader wrote them).
+        records: Bytes,
+    },
+    /// Where an epoch ends on the leader.
+    EpochEndOffset {
+        /// The largest epoch on the leader's log not above the one asked for.
+        epoch: u32,
+        /// Where it ends there.
+        end_offset: u64,
+    },
     /// Batches read.
     Fetch {
         /// Log start offset.
@@ -534,6 +584,8 @@ impl Request {
             Request::InitProducerId { .. } => api::INIT_PRODUCER_ID,
             Request::Produce { .. } => api::PRODUCE,
             Request::Fetch { .. } => api::FETCH,
+            Request::ReplicaFetch { .. } => api::REPLICA_FETCH,
+            Request::EpochEndOffset { .. } => api::EPOCH_END_OFFSET,
             Request::ListOffsets { .. } => api::LIST_OFFSETS,
             Request::CommitOffset { .. } => api::COMMIT_OFFSET,
             Request::FetchOffset { .. } => api::FETCH_OFFSET,
@@ -641,6 +693,13 @@ impl Request {
             }
             Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
                 w.string(topic).u32(*partition).u64(*offset).u32(*max_bytes).u32(*max_wait_ms);
+            }
+            Request::ReplicaFetch { replica_id, topic, partition, leader_epoch, offset, max_bytes, max_wait_ms } => {
+                w.u32(*replica_id).string(topic).u32(*partition).u32(*leader_epoch).u64(*offset);
+                w.u32(*max_bytes).u32(*max_wait_ms);
+            }
+            Request::EpochEndOffset { topic, partition, epoch } => {
+                w.string(topic).u32(*partition).u32(*epoch);
             }
             Request::ListOffsets { topic, partition, query } => {
                 let q = match query {
@@ -794,6 +853,20 @@ impl Request {
                 max_bytes: r.u32("max bytes")?,
                 max_wait_ms: r.u32("max wait")?,
             },
+            api::REPLICA_FETCH => Request::ReplicaFetch {
+                replica_id: r.u32("replica id")?,
+                topic: r.string("topic")?,
+                partition: r.u32("partition")?,
+                leader_epoch: r.u32("leader epoch")?,
+                offset: r.u64("offset")?,
+                max_bytes: r.u32("max bytes")?,
+                max_wait_ms: r.u32("max wait")?,
+            },
+            api::EPOCH_END_OFFSET => Request::EpochEndOffset {
+                topic: r.string("topic")?,
+                partition: r.u32("partition")?,
+                epoch: r.u32("epoch")?,
+            },
             api::LIST_OFFSETS => {
                 let topic = r.string("topic")?;
                 let partition = r.u32("partition")?;
@@ -833,7 +906,8 @@ fn get_acks(r: &mut WireReader) -> Result<Acks> {
     match r.u8("acks")? {
         0 => Ok(Acks::None),
         1 => Ok(Acks::Leader),
-        other => Err(Error::malformed(format!("acks {other} is not 0 (none) or 1 (leader)"))),
+        2 => Ok(Acks::All),
+        other => Err(Error::malformed(format!("acks {other} is not 0 (none), 1 (leader) or 2 (all)"))),
     }
 }
 
@@ -928,6 +1002,12 @@ impl Response {
             }
             Response::Fetch { log_start, end_offset, records } => {
                 w.u64(*log_start).u64(*end_offset).bytes(records.clone());
+            }
+            Response::ReplicaFetch { high_watermark, log_end, records } => {
+                w.u64(*high_watermark).u64(*log_end).bytes(records.clone());
+            }
+            Response::EpochEndOffset { epoch, end_offset } => {
+                w.u32(*epoch).u64(*end_offset);
             }
             Response::Offset(offset) => {
                 w.opt_u64(*offset);
@@ -1102,6 +1182,12 @@ fn decode_body(api_key: u16, r: &mut WireReader) -> Result<Response> {
         api::FETCH => {
             Response::Fetch { log_start: r.u64("log start")?, end_offset: r.u64("end")?, records: r.bytes("records")? }
         }
+        api::REPLICA_FETCH => Response::ReplicaFetch {
+            high_watermark: r.u64("high watermark")?,
+            log_end: r.u64("log end")?,
+            records: r.bytes("records")?,
+        },
+        api::EPOCH_END_OFFSET => Response::EpochEndOffset { epoch: r.u32("epoch")?, end_offset: r.u64("end offset")? },
         api::LIST_OFFSETS | api::FETCH_OFFSET => Response::Offset(r.opt_u64("offset")?),
         api::STATS => {
             let count = r.u32("stat count")?;
@@ -1167,6 +1253,16 @@ mod tests {
             Request::ListOffsets { topic: "t".into(), partition: 0, query: OffsetQuery::Timestamp(44) },
             Request::CommitOffset { group: "g".into(), topic: "t".into(), partition: 1, offset: 5 },
             Request::FetchOffset { group: "g".into(), topic: "t".into(), partition: 1 },
+            Request::ReplicaFetch {
+                replica_id: 3,
+                topic: "t".into(),
+                partition: 2,
+                leader_epoch: 9,
+                offset: 77,
+                max_bytes: 1 << 20,
+                max_wait_ms: 500,
+            },
+            Request::EpochEndOffset { topic: "t".into(), partition: 1, epoch: 4 },
             Request::Stats,
             Request::CreatePriorityTopic {
                 name: "q".into(),
@@ -1256,6 +1352,11 @@ mod tests {
         let cases = vec![
             (api::PRODUCE, Response::Produce { base_offset: 1, last_offset: 4, duplicate: true }),
             (api::FETCH, Response::Fetch { log_start: 0, end_offset: 9, records: Bytes::from(vec![3u8; 9000]) }),
+            (
+                api::REPLICA_FETCH,
+                Response::ReplicaFetch { high_watermark: 5, log_end: 9, records: Bytes::from(vec![4u8; 300]) },
+            ),
+            (api::EPOCH_END_OFFSET, Response::EpochEndOffset { epoch: 3, end_offset: 1_000 }),
             (api::LIST_OFFSETS, Response::Offset(None)),
             (api::STATS, Response::Stats(vec![("x".into(), 3)])),
             (api::LIST_TOPICS, Response::ListTopics(vec!["a".into()])),

@@ -73,6 +73,8 @@ const API_NAMES: [&str; api::COUNT as usize] = [
     "group_heartbeat",
     "leave_group",
     "member_commit_offset",
+    "replica_fetch",
+    "epoch_end_offset",
 ];
 
 /// Per-topic traffic counters.

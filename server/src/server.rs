@@ -24,6 +24,9 @@ pub struct ServerHandle {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Address of the Kafka-protocol listener, if enabled.
     pub kafka_addr: Option<std::net::SocketAddr>,
+    /// Replication, when `node_id` is set: the controller integration applies partition
+    /// roles through it.
+    pub cluster: Option<Arc<crate::cluster::ReplicaManager>>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<Result<()>>,
 }
@@ -49,7 +52,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
             std::sync::Arc::new(rill_engine::io::StdStorage)
         }
     };
-    let store_config = StoreConfig { storage, ..StoreConfig::default() };
+    let store_config = StoreConfig { storage, node_id: config.node_id, ..StoreConfig::default() };
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, store_config))
         .await
         .map_err(|e| Error::io("open store", std::io::Error::other(e.to_string())))??;
@@ -67,6 +70,16 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         Some(http_addr)
     };
     let (stop, stop_rx) = watch::channel(false);
+    let cluster = (config.node_id != 0).then(|| {
+        let cluster_config = crate::cluster::ClusterConfig {
+            node_id: config.node_id,
+            min_insync_replicas: config.min_insync_replicas,
+            replica_lag_time_max_ms: config.replica_lag_time_max_ms,
+            ..crate::cluster::ClusterConfig::default()
+        };
+        crate::cluster::ReplicaManager::new(Arc::clone(&store), cluster_config)
+    });
+    let isr_checks = cluster.as_ref().map(|c| c.spawn_isr_checks());
     let shared = Arc::new(Shared {
         store,
         config,
@@ -74,6 +87,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         inflight_bytes: AtomicU64::new(0),
         shutdown: stop_rx.clone(),
         priority_cursors: Default::default(),
+        cluster: cluster.clone(),
     });
     tracing::info!(%addr, ?metrics_addr, data_dir = %shared.config.data_dir.display(), "rill serving");
     let (kafka_addr, kafka_done) = if shared.config.kafka_listen.is_empty() {
@@ -83,8 +97,14 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         (Some(kafka_addr), Some(kafka_done))
     };
     tokio::spawn(close_idle_cursors(Arc::clone(&shared), stop_rx.clone()));
-    let done = tokio::spawn(accept_loop(listener, shared, stop_rx, kafka_done));
-    Ok(ServerHandle { addr, metrics_addr, kafka_addr, stop, done })
+    let done = tokio::spawn(async move {
+        let result = accept_loop(listener, shared, stop_rx, kafka_done).await;
+        if let Some(task) = isr_checks {
+            task.abort();
+        }
+        result
+    });
+    Ok(ServerHandle { addr, metrics_addr, kafka_addr, cluster, stop, done })
 }
 
 /// Closes idle priority cursors (see [`crate::cmd::priority::close_idle`]) until shutdown,
@@ -146,6 +166,9 @@ async fn accept_loop(
     if let Some(kafka) = kafka_done {
         // The Kafka listener drains its own connections (same timeout) before the store closes.
         drop(kafka.await);
+    }
+    if let Some(cluster) = &shared.cluster {
+        cluster.stop();
     }
     let store = Arc::clone(&shared.store);
     tokio::task::spawn_blocking(move || store.shutdown())

@@ -862,6 +862,18 @@ impl Partition {
         Ok(new_end)
     }
 
+    /// Completes when the local log end passes `offset` (a replica fetch's long poll) or
+    /// the partition closes.
+    pub fn wait_for_log_async(&self, offset: u64) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.end.register(offset, cx.waker()) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
+
     /// Deletes whole sealed segments beyond the retention limits; never the active one.
     /// Returns the number of segments removed.
     pub fn enforce_retention(&self) -> Result<usize> {

@@ -151,10 +151,13 @@ impl LeaderState {
         self.advance(leader_end)
     }
 
-    /// Drops followers that have not been caught up for longer than the lag limit.
-    pub fn shrink_isr(&mut self, leader_end: u64, now_ms: i64) -> Change {
-        let lagging: Vec<NodeId> = self
-            .isr
+    /// The in-sync followers that have not been caught up for longer than the lag limit:
+    /// the ISR to propose to the controller is the current one without them. (A shrink
+    /// takes effect only once the controller has recorded it, through
+    /// [`LeaderState::set_isr`]; otherwise a replica the leader dropped could be elected
+    /// without records the smaller ISR let the high watermark pass.)
+    pub fn lagging(&self, leader_end: u64, now_ms: i64) -> Vec<NodeId> {
+        self.isr
             .iter()
             .copied()
             .filter(|r| *r != self.leader)
@@ -163,7 +166,22 @@ impl LeaderState {
                     .get(r)
                     .is_some_and(|p| p.end_offset < leader_end && now_ms - p.last_caught_up_ms > self.lag_time_max_ms)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Takes the ISR the controller recorded (the leader is always in it); returns what
+    /// changed.
+    pub fn set_isr(&mut self, isr: &[NodeId], leader_end: u64) -> Change {
+        let mut next: BTreeSet<NodeId> = isr.iter().copied().filter(|r| self.followers.contains_key(r)).collect();
+        next.insert(self.leader);
+        let changed = next != self.isr;
+        self.isr = next;
+        Change { isr: changed, high_watermark: self.advance(leader_end) }
+    }
+
+    /// Drops followers that have not been caught up for longer than the lag limit.
+    pub fn shrink_isr(&mut self, leader_end: u64, now_ms: i64) -> Change {
+        let lagging = self.lagging(leader_end, now_ms);
         let mut change = Change::default();
         for node in lagging {
             self.isr.remove(&node);

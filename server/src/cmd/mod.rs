@@ -40,6 +40,17 @@ pub struct Shared {
     /// Priority cursors opened by `PriorityOpen` or polls, by (topic, cursor): kept open so
     /// that their leases live from one request to the next.
     pub priority_cursors: priority::OpenCursors,
+    /// Replication, when this node is part of a cluster.
+    pub cluster: Option<Arc<crate::cluster::ReplicaManager>>,
+}
+
+/// The replica manager, or the answer a single node gives to replication requests.
+fn cluster(shared: &Shared) -> Result<&Arc<crate::cluster::ReplicaManager>> {
+    shared.cluster.as_ref().ok_or_else(|| crate::Error::Server {
+        code: crate::ErrorCode::NotLeader,
+        message: "this node is not part of a cluster".into(),
+        retry_after_ms: None,
+    })
 }
 
 /// Executes one request. (The connection appends produce batches itself, in order, via
@@ -53,12 +64,33 @@ pub async fn execute(shared: &Arc<Shared>, request: Request) -> Result<Response>
         Request::ListTopics => Ok(Response::ListTopics(shared.store.topics())),
         Request::CreateTopic { name, settings } => topics::create(shared, name, settings).await,
         Request::DeleteTopic { name } => topics::delete(shared, name).await,
-        Request::Produce { topic, partition, batch, .. } => {
-            let pending = produce::start(shared, topic, partition, batch)?;
+        Request::Produce { topic, partition, batch, acks } => {
+            let pending = produce::start(shared, topic, partition, acks, batch)?;
             produce::finish(shared, pending).await
         }
         Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
             fetch::fetch(shared, &topic, partition, offset, max_bytes, max_wait_ms).await
+        }
+        Request::ReplicaFetch { replica_id, topic, partition, leader_epoch, offset, max_bytes, max_wait_ms } => {
+            let fetch = crate::cluster::ReplicaFetchRequest {
+                replica_id,
+                topic,
+                partition,
+                leader_epoch,
+                offset,
+                max_bytes,
+                max_wait_ms,
+            };
+            let data = cluster(shared)?.replica_fetch(fetch).await?;
+            Ok(Response::ReplicaFetch {
+                high_watermark: data.high_watermark,
+                log_end: data.log_end,
+                records: data.records,
+            })
+        }
+        Request::EpochEndOffset { topic, partition, epoch } => {
+            let (epoch, end_offset) = cluster(shared)?.epoch_end_offset(&topic, partition, epoch)?;
+            Ok(Response::EpochEndOffset { epoch, end_offset })
         }
         Request::ListOffsets { topic, partition, query } => offsets::list_offsets(shared, &topic, partition, query),
         Request::CommitOffset { group, topic, partition, offset } => {
@@ -66,9 +98,9 @@ pub async fn execute(shared: &Arc<Shared>, request: Request) -> Result<Response>
         }
         Request::FetchOffset { group, topic, partition } => offsets::fetch_offset(shared, &group, &topic, partition),
         Request::CreatePriorityTopic { name, lanes, settings } => priority::create(shared, name, lanes, settings).await,
-        Request::ProduceLane { topic, lane, partition, batch, .. } => {
+        Request::ProduceLane { topic, lane, partition, batch, acks } => {
             let topic = rill_engine::cursor::priority::lane_topic_name(&topic, lane);
-            let pending = produce::start(shared, topic, partition, batch)?;
+            let pending = produce::start(shared, topic, partition, acks, batch)?;
             produce::finish(shared, pending).await
         }
         Request::PriorityPoll { topic, cursor, max, settings } => {

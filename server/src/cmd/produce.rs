@@ -12,28 +12,44 @@ use rill_engine::AppendHandle;
 
 use super::Shared;
 use crate::error::Result;
-use crate::messages::Response;
+use crate::messages::{Acks, Response};
 
 /// An appended batch waiting for its acknowledgement.
 #[derive(Debug)]
 pub struct PendingProduce {
     handle: AppendHandle,
     topic: String,
+    partition: u32,
     size_bytes: u64,
+    /// In a cluster: the leader epoch the batch was appended in, for `acks = all`.
+    replicated_in: Option<u32>,
 }
 
 /// Checks and appends `batch` (wire bytes = on-disk format v1); the engine validates it
-/// fully before writing and assigns its offsets. Never waits for a sync.
-pub fn start(shared: &Shared, topic: String, partition: u32, batch: Bytes) -> Result<PendingProduce> {
+/// fully before writing and assigns its offsets. Never waits for a sync. In a cluster the
+/// node must lead the partition with enough replicas in sync.
+pub fn start(shared: &Shared, topic: String, partition: u32, acks: Acks, batch: Bytes) -> Result<PendingProduce> {
+    let epoch = match &shared.cluster {
+        Some(cluster) => Some(cluster.check_produce(&topic, partition)?),
+        None => None,
+    };
     let p = shared.store.partition(&topic, partition)?;
     let size_bytes = batch.len() as u64;
     let handle = p.append_batch(BytesMut::from(&batch[..]))?;
-    Ok(PendingProduce { handle, topic, size_bytes })
+    let replicated_in = if acks == Acks::All { epoch } else { None };
+    Ok(PendingProduce { handle, topic, partition, size_bytes, replicated_in })
 }
 
-/// Awaits the acknowledgement (without blocking a worker) and builds the response.
+/// Awaits the acknowledgement (without blocking a worker) and builds the response. With
+/// `acks = all` in a cluster, that is the high watermark passing the batch.
 pub async fn finish(shared: &Arc<Shared>, pending: PendingProduce) -> Result<Response> {
     let info = pending.handle.await?;
+    if let Some(cluster) = &shared.cluster {
+        match pending.replicated_in {
+            Some(epoch) => cluster.await_replicated(&pending.topic, pending.partition, epoch, info.last_offset).await?,
+            None => cluster.on_local_append(&pending.topic, pending.partition),
+        }
+    }
     if !info.duplicate {
         let counters = shared.metrics.topic(&pending.topic);
         counters.produce_records.fetch_add(info.last_offset - info.base_offset + 1, Ordering::Relaxed);
