@@ -43,6 +43,11 @@ mod code {
     pub const OFFSET_OUT_OF_RANGE: i16 = 1;
     pub const CORRUPT_MESSAGE: i16 = 2;
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+    pub const REQUEST_TIMED_OUT: i16 = 7;
+    pub const NOT_ENOUGH_REPLICAS: i16 = 19;
+    pub const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
+    pub const FENCED_LEADER_EPOCH: i16 = 74;
     pub const MESSAGE_TOO_LARGE: i16 = 10;
     pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
     pub const INVALID_REQUIRED_ACKS: i16 = 21;
@@ -76,6 +81,10 @@ pub fn kafka_code(e: &Error) -> i16 {
         ErrorCode::StorageError | ErrorCode::ShuttingDown => code::KAFKA_STORAGE_ERROR,
         ErrorCode::InvalidConfig => code::INVALID_CONFIG,
         ErrorCode::InvalidTopicName => code::INVALID_TOPIC_EXCEPTION,
+        ErrorCode::NotLeader => code::NOT_LEADER_OR_FOLLOWER,
+        ErrorCode::NotEnoughReplicas => code::NOT_ENOUGH_REPLICAS,
+        ErrorCode::FencedLeaderEpoch => code::FENCED_LEADER_EPOCH,
+        _ if matches!(e, Error::Timeout { .. }) => code::REQUEST_TIMED_OUT,
         _ => code::UNKNOWN_SERVER_ERROR,
     }
 }
@@ -220,7 +229,15 @@ pub fn unserved(request: RequestKind) -> Option<ResponseKind> {
 // Produce
 
 /// A partition's appends (handles, request bytes), or the Kafka error and its message.
-type Appended = (Arc<Partition>, Vec<AppendHandle>, u64);
+/// One partition's appended batches.
+struct Appended {
+    partition: Arc<Partition>,
+    handles: Vec<AppendHandle>,
+    /// Bytes of the request's records.
+    bytes: u64,
+    /// In a cluster with acks=-1: the leader epoch the batches were appended in.
+    replicated_in: Option<u32>,
+}
 
 /// A produce request whose batches have been appended (or refused), in request order.
 pub struct StartedProduce {
@@ -245,7 +262,7 @@ pub fn produce_start(context: &KafkaContext, request: ProduceRequest) -> Started
                 .into_iter()
                 .map(|data| {
                     let outcome = if valid_acks {
-                        append(context, &topic.name, data.index, data.records)
+                        append(context, &topic.name, data.index, data.records, request.acks)
                     } else {
                         Err((code::INVALID_REQUIRED_ACKS, format!("acks must be -1, 0 or 1, not {}", request.acks)))
                     };
@@ -258,8 +275,23 @@ pub fn produce_start(context: &KafkaContext, request: ProduceRequest) -> Started
     StartedProduce { topics }
 }
 
-fn append(context: &KafkaContext, topic: &str, index: i32, records: Option<Bytes>) -> Result<Appended, (i16, String)> {
+fn append(
+    context: &KafkaContext,
+    topic: &str,
+    index: i32,
+    records: Option<Bytes>,
+    acks: i16,
+) -> Result<Appended, (i16, String)> {
     let p = partition(context, topic, index).map_err(|code| (code, format!("{topic}/{index}")))?;
+    // In a cluster: this node must lead the partition with enough replicas in sync; with
+    // acks=-1 the answer waits for the high watermark under that leader epoch.
+    let replicated_in = match &context.shared.cluster {
+        Some(cluster) => {
+            let epoch = cluster.check_produce(topic, p.id()).map_err(|e| (kafka_code(&e), e.to_string()))?;
+            (acks == -1).then_some(epoch)
+        }
+        None => None,
+    };
     let records = records.ok_or((code::CORRUPT_MESSAGE, "no records".to_string()))?;
     let batches = kafka_to_rill(&records).map_err(|e| (batch_code(&e), e.to_string()))?;
     let mut handles = Vec::with_capacity(batches.len());
@@ -272,7 +304,7 @@ fn append(context: &KafkaContext, topic: &str, index: i32, records: Option<Bytes
         })?;
         handles.push(handle);
     }
-    Ok((p, handles, records.len() as u64))
+    Ok(Appended { partition: p, handles, bytes: records.len() as u64, replicated_in })
 }
 
 /// Waits for the acknowledgements and builds the response.
@@ -285,14 +317,16 @@ pub async fn produce_finish(context: &KafkaContext, started: StartedProduce, ver
             let mut out = PartitionProduceResponse::default();
             out.index = started.index;
             let result = match started.outcome {
-                Ok((p, handles, bytes)) => {
+                Ok(Appended { partition: p, handles, bytes, replicated_in }) => {
                     let mut first = None;
+                    let mut last = None;
                     let mut failure = None;
                     let mut records = 0;
                     for handle in handles {
                         match handle.await {
                             Ok(info) => {
                                 first.get_or_insert(info.base_offset);
+                                last = Some(info.last_offset);
                                 if !info.duplicate {
                                     records += info.last_offset - info.base_offset + 1;
                                 }
@@ -301,6 +335,20 @@ pub async fn produce_finish(context: &KafkaContext, started: StartedProduce, ver
                                 let e = Error::from(e);
                                 failure.get_or_insert((kafka_code(&e), e.to_string()));
                             }
+                        }
+                    }
+                    if let (Some(cluster), None) = (&context.shared.cluster, &failure) {
+                        match (replicated_in, last) {
+                            (Some(epoch), Some(last)) => {
+                                if let Err(e) = cluster.await_replicated(&name.0, p.id(), epoch, last).await {
+                                    let code = match e.code() {
+                                        ErrorCode::NotEnoughReplicas => code::NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+                                        _ => kafka_code(&e),
+                                    };
+                                    failure = Some((code, e.to_string()));
+                                }
+                            }
+                            _ => cluster.on_local_append(&name.0, p.id()),
                         }
                     }
                     counters.produce_records.fetch_add(records, Ordering::Relaxed);
