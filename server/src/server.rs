@@ -245,6 +245,10 @@ pub fn run_cli(args: ServeOptions) -> ExitCode {
 }
 
 async fn serve_until_signal(config: ServerConfig) -> Result<()> {
+    // Installed before the address is printed: whoever reads it may signal at once.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| Error::io("install SIGTERM handler", e))?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| Error::io("install SIGINT handler", e))?;
     let handle = start(config).await?;
     match handle.metrics_addr {
         Some(metrics) => println!("rill listening on {} (metrics and health on http://{metrics})", handle.addr),
@@ -253,10 +257,8 @@ async fn serve_until_signal(config: ServerConfig) -> Result<()> {
     if let Some(kafka) = handle.kafka_addr {
         println!("Kafka protocol listening on {kafka}");
     }
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::io("install SIGTERM handler", e))?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
     }
     tracing::info!("signal received");
