@@ -15,12 +15,14 @@
 #   RILL_LOST_RESPONSE_DROPS     produce responses the proxy must have dropped   (500; CI 50)
 #   RILL_FAULT_SEEDS             power-loss seeds per test in fault_storage.rs   (10000; CI 200/50/30)
 #   RILL_BITFLIP_TRIALS          bit-flip trials, engine reads and rill inspect  (1000; CI 100/40)
+#   RILL_REPLICATION_SEEDS       seeds of each three-replica simulation          (1000; CI 16/6)
 #   FUZZ_SECONDS                 seconds per fuzz target for fuzz/run.sh         (60; short 10)
 #   FUZZ_CAMPAIGN_RUNS           executions per target of the long fuzz campaign (off unless set,
 #                                e.g. 10000000: hours per target on 2 cores, see reliability.md)
 #   CAMPAIGN_ONLY="a b"          run only the named steps (names as in the summary)
 # Seeds: each scenario prints its seed and the variable that replays it (RILL_KILL9_SEED,
-# RILL_PAUSE_SEED, RILL_LOST_RESPONSE_SEED, RILL_FAULT_SEED for engine/tests/fault_storage.rs).
+# RILL_PAUSE_SEED, RILL_LOST_RESPONSE_SEED, RILL_FAULT_SEED for engine/tests/fault_storage.rs,
+# RILL_REPLICATION_SEED for engine/tests/replication.rs).
 #
 # Every step's output goes to $CAMPAIGN_DIR/<step>.log (default target/fault-campaign/);
 # the summary is printed at the end and written to $CAMPAIGN_DIR/summary.txt. Tests that
@@ -51,6 +53,7 @@ if [ "$mode" = full ]; then
     export RILL_LOST_RESPONSE_DROPS="${RILL_LOST_RESPONSE_DROPS:-500}"
     export RILL_FAULT_SEEDS="${RILL_FAULT_SEEDS:-10000}"
     export RILL_BITFLIP_TRIALS="${RILL_BITFLIP_TRIALS:-1000}"
+    export RILL_REPLICATION_SEEDS="${RILL_REPLICATION_SEEDS:-1000}"
     fuzz_seconds="${FUZZ_SECONDS:-60}"
     profile=(--release)
 else
@@ -129,6 +132,11 @@ step full-disk test_step rill-engine full_disk --ignored
 # damage lost; and reported by the real `rill inspect`
 step bit-flips test_step rill-engine bit_flips
 step inspect-bit-flips test_step rill-server inspect_bit_flips
+# Replication: three replicas through random crashes (with and without power loss),
+# restarts, elections and ISR changes (replay: RILL_REPLICATION_SEED); three servers
+# failing over under acks=all
+step replication-sim test_step rill-engine replication
+step replication-server test_step rill-server replication
 # The long fuzz campaign (each target to FUZZ_CAMPAIGN_RUNS executions), only when asked
 if [ -n "${FUZZ_CAMPAIGN_RUNS:-}" ]; then
     step fuzz-campaign bash fuzz/run.sh campaign "$FUZZ_CAMPAIGN_RUNS"
