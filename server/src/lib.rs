@@ -12,6 +12,7 @@ pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod conn;
+pub mod controller;
 pub mod error;
 pub mod frame;
 pub mod kafka;
