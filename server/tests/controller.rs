@@ -210,3 +210,66 @@ async fn whole_cluster_restart_keeps_metadata() {
         c.shutdown().await;
     }
 }
+
+/// Writes one controller frame (length, version byte, JSON) built by hand from
+/// docs/protocol.md, and reads the answer as JSON; `None` if the controller closed the
+/// connection instead.
+async fn raw_call(stream: &mut tokio::net::TcpStream, version: u8, json: &str) -> Option<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let len = u32::try_from(json.len() + 1).expect("small frame");
+    let mut frame = len.to_le_bytes().to_vec();
+    frame.push(version);
+    frame.extend_from_slice(json.as_bytes());
+    stream.write_all(&frame).await.expect("frame sent");
+    let mut len = [0u8; 4];
+    match tokio::time::timeout(DEADLINE, stream.read_exact(&mut len)).await.expect("an answer or a close in time") {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+        Err(e) => panic!("reading the answer: {e}"),
+    }
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    stream.read_exact(&mut body).await.expect("answer body");
+    assert_eq!(body[0], 1, "answers carry version 1");
+    Some(serde_json::from_slice(&body[1..]).expect("answer is JSON"))
+}
+
+/// The controller protocol byte for byte against a single-node group (its own leader): a
+/// hand-built `Forward` of a CreateTopic is applied and answered `Applied`, a `Heartbeat` is
+/// accepted, and a frame of another version or over the size limit closes the connection
+/// while the controller keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_protocol_raw_frames() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let peers = free_addrs(1);
+    let controllers = start_all(&peers, root.path()).await;
+    assert_eq!(wait_leader(&controllers).await, 1);
+    let c = &controllers[&1];
+    wait_for(c, "the node registered", all_alive(&[1])).await;
+
+    let mut stream = tokio::net::TcpStream::connect(peers[&1]).await.expect("connects");
+    let create = r#"{"Forward":{"CreateTopic":{"name":"raw","partitions":2,"replication_factor":1,
+        "config":{"fsync":"never","segment_size_bytes":1048576,"retention_bytes":null,"retention_ms":null}}}}"#;
+    let answer = raw_call(&mut stream, 1, create).await.expect("answered");
+    assert_eq!(answer, serde_json::json!({"Forward": {"Ok": "Applied"}}));
+    wait_for(c, "topic raw", |md| md.topics.get("raw").is_some_and(|t| t.partitions.len() == 2)).await;
+    let answer = raw_call(&mut stream, 1, r#"{"Heartbeat":{"node_id":1}}"#).await.expect("answered");
+    assert_eq!(answer, serde_json::json!({"Heartbeat": {"Ok": null}}));
+    let answer = raw_call(&mut stream, 1, create).await.expect("answered");
+    assert_eq!(answer, serde_json::json!({"Forward": {"Ok": {"Rejected": {"TopicExists": {"name": "raw"}}}}}));
+
+    assert_eq!(raw_call(&mut stream, 2, r#"{"Heartbeat":{"node_id":1}}"#).await, None, "version 2 closes");
+    let mut stream = tokio::net::TcpStream::connect(peers[&1]).await.expect("connects");
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(&u32::MAX.to_le_bytes()).await.expect("length sent");
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(DEADLINE, stream.read(&mut byte)).await.expect("closed in time");
+        assert!(matches!(read, Ok(0) | Err(_)), "an oversized length closes the connection: {read:?}");
+    }
+    let mut stream = tokio::net::TcpStream::connect(peers[&1]).await.expect("connects");
+    assert!(raw_call(&mut stream, 1, r#"{"Heartbeat":{"node_id":1}}"#).await.is_some(), "still serving");
+    for (_, c) in controllers {
+        c.shutdown().await;
+    }
+}

@@ -218,13 +218,21 @@ impl Core {
         }
     }
 
-    /// Writes `cmd` through the local Raft node, which must be the leader.
-    async fn write_local(&self, cmd: Command) -> Result<CommandResult, ForwardError> {
+    /// Writes `cmd` through the local Raft node; `Ok(Err(leader))` when it is not the
+    /// leader (with the leader it knows of).
+    async fn write_local(&self, cmd: Command) -> Result<Result<CommandResult, Option<u32>>> {
         match self.raft.client_write(cmd).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ForwardError::NotLeader { leader: f.leader_id })
-            }
+            Ok(response) => Ok(Ok(response.data)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Ok(Err(f.leader_id)),
+            Err(e) => Err(raft_err("client write")(e)),
+        }
+    }
+
+    /// [`Core::write_local`] for a peer's `Forward`.
+    async fn write_forwarded(&self, cmd: Command) -> Result<CommandResult, ForwardError> {
+        match self.write_local(cmd).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(leader)) => Err(ForwardError::NotLeader { leader }),
             Err(e) => Err(ForwardError::Failed { reason: e.to_string() }),
         }
     }
@@ -233,12 +241,9 @@ impl Core {
         let deadline = Instant::now() + Duration::from_millis(CONTROLLER_PROPOSE_TIMEOUT_MS);
         let mut last_error: Option<Error> = None;
         while Instant::now() < deadline {
-            let leader = match self.write_local(cmd.clone()).await {
+            let leader = match self.write_local(cmd.clone()).await? {
                 Ok(result) => return Ok(result),
-                Err(ForwardError::NotLeader { leader }) => leader,
-                Err(ForwardError::Failed { reason }) => {
-                    return Err(Error::ControllerRemote { node: self.node_id, reason });
-                }
+                Err(leader) => leader,
             };
             if let Some(leader) = leader.filter(|&l| l != self.node_id) {
                 match self.forward(leader, &Request::Forward(cmd.clone())).await {
@@ -307,7 +312,7 @@ impl Core {
             Request::AppendEntries(rpc) => Response::AppendEntries(self.raft.append_entries(rpc).await),
             Request::Vote(rpc) => Response::Vote(self.raft.vote(rpc).await),
             Request::InstallSnapshot(rpc) => Response::InstallSnapshot(self.raft.install_snapshot(rpc).await),
-            Request::Forward(cmd) => Response::Forward(self.write_local(cmd).await),
+            Request::Forward(cmd) => Response::Forward(self.write_forwarded(cmd).await),
             Request::Heartbeat { node_id } => Response::Heartbeat(self.heartbeat_local(node_id)),
         }
     }
@@ -433,7 +438,7 @@ async fn watch_liveness(core: Arc<Core>, metadata: watch::Receiver<ClusterMetada
                 .collect()
         };
         for cmd in changes {
-            match core.write_local(cmd.clone()).await {
+            match core.write_forwarded(cmd.clone()).await {
                 Ok(result) => tracing::info!(node = core.node_id, ?cmd, ?result, "controller: liveness change"),
                 Err(e) => {
                     tracing::debug!(node = core.node_id, ?cmd, error = %e, "controller: liveness change not written")
