@@ -160,6 +160,51 @@ pub enum Error {
     /// The connection closed before the response arrived.
     #[error("connection closed")]
     ConnectionClosed,
+    /// A file operation failed (controller state).
+    #[error("I/O error during {op} on {path}: {source}")]
+    FileIo {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A controller state file does not hold what it must (bad magic, length or checksum).
+    #[error("corrupt controller file {path}: {reason}")]
+    ControllerCorrupt {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A controller message or record could not be encoded or decoded.
+    #[error("controller codec error ({what}): {source}")]
+    ControllerCodec {
+        /// What was being encoded or decoded.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// openraft failed an operation.
+    #[error("raft error during {op}: {source}")]
+    Raft {
+        /// What was being done.
+        op: &'static str,
+        /// openraft's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Another controller node failed a forwarded request.
+    #[error("controller node {node} failed the request: {reason}")]
+    ControllerRemote {
+        /// The node that answered.
+        node: u32,
+        /// Its reason.
+        reason: String,
+    },
     /// A request did not complete in time.
     #[error("timed out after {timeout_ms} ms waiting for {what}")]
     Timeout {
@@ -189,7 +234,13 @@ impl Error {
             Error::Server { code, .. } => *code,
             Error::Engine(e) => engine_code(e),
             Error::Config { .. } => ErrorCode::InvalidConfig,
-            Error::Io { .. } | Error::ConnectionClosed | Error::Timeout { .. } => ErrorCode::Internal,
+            Error::FileIo { .. } | Error::ControllerCorrupt { .. } => ErrorCode::StorageError,
+            Error::Io { .. }
+            | Error::ConnectionClosed
+            | Error::Timeout { .. }
+            | Error::ControllerCodec { .. }
+            | Error::Raft { .. }
+            | Error::ControllerRemote { .. } => ErrorCode::Internal,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod config;
 pub mod conn;
+pub mod controller;
 pub mod error;
 pub mod frame;
 pub mod kafka;
