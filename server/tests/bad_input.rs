@@ -459,7 +459,7 @@ fn malformed_body(rng: &mut Rng, cid: u32) -> Vec<u8> {
             let produce =
                 Request::Produce { topic: PROBE_TOPIC.into(), partition: 0, acks: Acks::Leader, batch: batch(&["x"]) };
             let mut body = body_of(&produce);
-            body[2 + PROBE_TOPIC.len() + 4] = rng.range(2, 255) as u8; // acks neither 0 nor 1
+            body[2 + PROBE_TOPIC.len() + 4] = rng.range(3, 255) as u8; // acks not 0, 1 or 2
             frame(api::PRODUCE, 1, cid, &body)
         }
         4 => frame(api::METADATA, 1, cid, &10_001u32.to_le_bytes()), // over the topic-list limit
