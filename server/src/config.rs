@@ -112,6 +112,17 @@ pub struct ServerConfig {
     pub min_insync_replicas: usize,
     /// In a cluster: a follower not caught up for this long leaves the ISR.
     pub replica_lag_time_max_ms: u64,
+    /// In a cluster: every controller voter as `"<node id>=<host:port>"`, this node's
+    /// included (the same list on every node); this node's controller listens on its entry.
+    pub peers: Vec<String>,
+    /// In a cluster: replicas of each partition of a topic created without saying.
+    pub replication_factor: u32,
+    /// In a cluster: a node whose heartbeats stop this long is marked down and loses the
+    /// partitions it leads.
+    pub node_timeout_ms: u64,
+    /// In a cluster: the `host:port` other nodes fetch from (this node's rill listener);
+    /// empty announces the bound address.
+    pub advertised_listener: String,
     /// Defaults for new topics.
     pub topic_defaults: TopicDefaults,
 }
@@ -135,6 +146,10 @@ impl Default for ServerConfig {
             node_id: 0,
             min_insync_replicas: 2,
             replica_lag_time_max_ms: 10_000,
+            peers: Vec::new(),
+            replication_factor: 3,
+            node_timeout_ms: 3_000,
+            advertised_listener: String::new(),
             topic_defaults: TopicDefaults::default(),
         }
     }
@@ -179,11 +194,34 @@ impl ServerConfig {
         if self.node_id > rill_engine::producer::registry::NODE_ID_MAX {
             return bad(format!("node_id must be at most {}", rill_engine::producer::registry::NODE_ID_MAX));
         }
-        if self.node_id != 0 && (self.min_insync_replicas == 0 || self.replica_lag_time_max_ms == 0) {
-            return bad("min_insync_replicas and replica_lag_time_max_ms must be positive".into());
+        if self.node_id != 0 {
+            if self.min_insync_replicas == 0 || self.replica_lag_time_max_ms == 0 || self.node_timeout_ms == 0 {
+                return bad("min_insync_replicas, replica_lag_time_max_ms and node_timeout_ms must be positive".into());
+            }
+            if self.replication_factor == 0 {
+                return bad("replication_factor must be positive".into());
+            }
+            if !self.controller_peers()?.contains_key(&self.node_id) {
+                return bad(format!("peers must include this node ({}): its controller listens there", self.node_id));
+            }
         }
         self.topic_defaults.fsync_policy()?;
         Ok(())
+    }
+
+    /// The controller voters from `peers` (`"<id>=<host:port>"` each).
+    pub fn controller_peers(&self) -> Result<std::collections::BTreeMap<u32, std::net::SocketAddr>> {
+        let mut peers = std::collections::BTreeMap::new();
+        for entry in &self.peers {
+            let bad = || Error::Config { reason: format!("peer {entry:?} is not <node id>=<host:port>") };
+            let (id, addr) = entry.split_once('=').ok_or_else(bad)?;
+            let id: u32 = id.trim().parse().map_err(|_| bad())?;
+            let addr: std::net::SocketAddr = addr.trim().parse().map_err(|_| bad())?;
+            if id == 0 || peers.insert(id, addr).is_some() {
+                return Err(Error::Config { reason: format!("peer ids must be unique and from 1 ({entry:?})") });
+            }
+        }
+        Ok(peers)
     }
 }
 

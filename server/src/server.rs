@@ -80,6 +80,27 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         crate::cluster::ReplicaManager::new(Arc::clone(&store), cluster_config)
     });
     let isr_checks = cluster.as_ref().map(|c| c.spawn_isr_checks());
+    let controller = match &cluster {
+        None => None,
+        Some(_) => {
+            let peers = config.controller_peers()?;
+            let listen = peers[&config.node_id];
+            let advertised_addr = if config.advertised_listener.is_empty() {
+                addr.to_string()
+            } else {
+                config.advertised_listener.clone()
+            };
+            let controller_config = crate::controller::ControllerConfig {
+                node_id: config.node_id,
+                listen,
+                peers,
+                dir: config.data_dir.join("controller"),
+                heartbeat_timeout_ms: config.node_timeout_ms,
+                advertised_addr,
+            };
+            Some(Arc::new(crate::controller::Controller::start(controller_config).await?))
+        }
+    };
     let shared = Arc::new(Shared {
         store,
         config,
@@ -88,7 +109,17 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         shutdown: stop_rx.clone(),
         priority_cursors: Default::default(),
         cluster: cluster.clone(),
+        controller: controller.clone(),
     });
+    let link = match (&controller, &cluster) {
+        (Some(controller), Some(cluster)) => Some(tokio::spawn(crate::cluster::link::run(
+            Arc::clone(controller),
+            Arc::clone(cluster),
+            Arc::clone(&shared.store),
+            stop_rx.clone(),
+        ))),
+        _ => None,
+    };
     tracing::info!(%addr, ?metrics_addr, data_dir = %shared.config.data_dir.display(), "rill serving");
     let (kafka_addr, kafka_done) = if shared.config.kafka_listen.is_empty() {
         (None, None)
@@ -98,8 +129,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
     };
     tokio::spawn(close_idle_cursors(Arc::clone(&shared), stop_rx.clone()));
     let done = tokio::spawn(async move {
-        let result = accept_loop(listener, shared, stop_rx, kafka_done).await;
+        let result = accept_loop(listener, shared, stop_rx, kafka_done, controller).await;
         if let Some(task) = isr_checks {
+            task.abort();
+        }
+        if let Some(task) = link {
             task.abort();
         }
         result
@@ -132,6 +166,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     kafka_done: Option<tokio::task::JoinHandle<()>>,
+    controller: Option<Arc<crate::controller::Controller>>,
 ) -> Result<()> {
     let mut connections = JoinSet::new();
     loop {
@@ -170,6 +205,9 @@ async fn accept_loop(
     if let Some(cluster) = &shared.cluster {
         cluster.stop();
     }
+    if let Some(controller) = controller {
+        controller.shutdown().await;
+    }
     let store = Arc::clone(&shared.store);
     tokio::task::spawn_blocking(move || store.shutdown())
         .await
@@ -191,6 +229,10 @@ pub struct ServeOptions {
     pub metrics_listen: Option<String>,
     /// Kafka-protocol listener address (empty string disables it).
     pub kafka_listen: Option<String>,
+    /// Node id in a cluster.
+    pub node_id: Option<u32>,
+    /// Controller voters, `id=host:port` each.
+    pub peers: Option<Vec<String>>,
 }
 
 /// Builds the configuration from the defaults, an optional TOML file and flags.
@@ -210,6 +252,12 @@ pub fn config_from_args(args: &ServeOptions) -> Result<ServerConfig> {
     }
     if let Some(listen) = &args.kafka_listen {
         config.kafka_listen = listen.clone();
+    }
+    if let Some(node_id) = args.node_id {
+        config.node_id = node_id;
+    }
+    if let Some(peers) = &args.peers {
+        config.peers = peers.clone();
     }
     config.validate()?;
     Ok(config)

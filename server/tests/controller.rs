@@ -31,6 +31,7 @@ fn config(id: u32, peers: &BTreeMap<u32, SocketAddr>, root: &Path) -> Controller
         peers: peers.clone(),
         dir: root.join(format!("node-{id}")),
         heartbeat_timeout_ms: HEARTBEAT_TIMEOUT_MS,
+        advertised_addr: String::new(),
     }
 }
 

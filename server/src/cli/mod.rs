@@ -101,6 +101,13 @@ pub struct ServeArgs {
     /// configuration file; empty disables it, the default).
     #[arg(long)]
     pub kafka_listen: Option<String>,
+    /// This node's id in a replicated cluster (from 1; overrides the configuration file).
+    #[arg(long)]
+    pub node_id: Option<u32>,
+    /// The cluster's controller voters, `1=host:port,2=host:port,…` (this node included;
+    /// overrides the configuration file).
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
 }
 
 /// `rill topic` subcommands.
@@ -265,6 +272,8 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         kafka_listen: args.kafka_listen,
+        node_id: args.node_id,
+        peers: args.peers,
     })
 }
 

@@ -15,6 +15,7 @@
 //!   controller's recorded ISR comes back through `apply`.
 
 mod fetcher;
+pub mod link;
 
 use std::collections::HashMap;
 use std::sync::Arc;

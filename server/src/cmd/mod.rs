@@ -42,6 +42,9 @@ pub struct Shared {
     pub priority_cursors: priority::OpenCursors,
     /// Replication, when this node is part of a cluster.
     pub cluster: Option<Arc<crate::cluster::ReplicaManager>>,
+    /// The cluster controller, when this node is part of a cluster: topics are created and
+    /// deleted through it.
+    pub controller: Option<Arc<crate::controller::Controller>>,
 }
 
 /// The replica manager, or the answer a single node gives to replication requests.

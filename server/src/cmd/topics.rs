@@ -36,9 +36,27 @@ pub fn metadata(shared: &Shared, names: &[String]) -> Result<Response> {
     Ok(Response::Metadata(out))
 }
 
-/// Creates a topic, filling unset settings from the server's topic defaults.
+/// Creates a topic, filling unset settings from the server's topic defaults. In a cluster
+/// the controller assigns its replicas (`replication_factor` of the configuration) and each
+/// replica creates it locally when the metadata reaches it.
 pub async fn create(shared: &Arc<Shared>, name: String, settings: TopicSettings) -> Result<Response> {
     let config = topic_config(shared, &settings)?;
+    if let Some(controller) = &shared.controller {
+        rill_engine::log::store::validate_topic_name(&name)?;
+        config.validate()?;
+        let cmd = crate::controller::Command::CreateTopic {
+            name,
+            partitions: config.partitions,
+            replication_factor: shared.config.replication_factor,
+            config: crate::controller::TopicSettings {
+                fsync: crate::cluster::link::fsync_name(config.fsync),
+                segment_size_bytes: config.segment_size_bytes,
+                retention_bytes: config.retention_bytes,
+                retention_ms: config.retention_ms,
+            },
+        };
+        return controller_answer(controller.propose(cmd).await?);
+    }
     let store = Arc::clone(&shared.store);
     blocking(move || Ok(store.create_topic(&name, config).map(drop)?)).await?;
     Ok(Response::Empty)
@@ -60,8 +78,29 @@ pub(crate) fn topic_config(shared: &Shared, settings: &TopicSettings) -> Result<
     })
 }
 
-/// Deletes a topic and its data.
+/// A controller's verdict as a response.
+fn controller_answer(result: crate::controller::CommandResult) -> Result<Response> {
+    use crate::controller::{CommandResult, Rejection};
+    let code = match result {
+        CommandResult::Applied => return Ok(Response::Empty),
+        CommandResult::Rejected(Rejection::TopicExists { .. }) => crate::ErrorCode::TopicExists,
+        CommandResult::Rejected(Rejection::TopicNotFound { .. }) => crate::ErrorCode::TopicNotFound,
+        CommandResult::Rejected(Rejection::NotEnoughAliveNodes { .. }) => crate::ErrorCode::NotEnoughReplicas,
+        CommandResult::Rejected(_) => crate::ErrorCode::InvalidConfig,
+    };
+    let message = match result {
+        CommandResult::Rejected(why) => why.to_string(),
+        CommandResult::Applied => String::new(),
+    };
+    Err(crate::Error::Server { code, message, retry_after_ms: None })
+}
+
+/// Deletes a topic and its data (in a cluster: through the controller; replicas keep
+/// their local files until an operator removes them).
 pub async fn delete(shared: &Arc<Shared>, name: String) -> Result<Response> {
+    if let Some(controller) = &shared.controller {
+        return controller_answer(controller.propose(crate::controller::Command::DeleteTopic { name }).await?);
+    }
     let store = Arc::clone(&shared.store);
     blocking(move || Ok(store.delete_topic(&name)?)).await?;
     Ok(Response::Empty)

@@ -75,6 +75,9 @@ pub struct ControllerConfig {
     pub dir: PathBuf,
     /// A node silent this long is marked down by the Raft leader.
     pub heartbeat_timeout_ms: u64,
+    /// The address this node registers in the metadata (its rill protocol address, which
+    /// followers fetch from); empty registers the controller address.
+    pub advertised_addr: String,
 }
 
 /// When the Raft leader last heard from each node.
@@ -97,8 +100,14 @@ struct Core {
 pub struct Controller {
     core: Arc<Core>,
     metadata: watch::Receiver<ClusterMetadata>,
-    server: JoinHandle<()>,
-    background: Vec<JoinHandle<()>>,
+    server: parking_lot::Mutex<Option<JoinHandle<()>>>,
+    background: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").field("node_id", &self.core.node_id).finish_non_exhaustive()
+    }
 }
 
 fn raft_err<E: std::error::Error + Send + Sync + 'static>(op: &'static str) -> impl FnOnce(E) -> Error {
@@ -153,9 +162,17 @@ impl Controller {
         let timeout = Duration::from_millis(config.heartbeat_timeout_ms);
         let background = vec![
             tokio::spawn(watch_liveness(Arc::clone(&core), metadata.clone(), timeout)),
-            tokio::spawn(register_and_heartbeat(Arc::clone(&core), own_addr.to_string())),
+            tokio::spawn(register_and_heartbeat(
+                Arc::clone(&core),
+                if config.advertised_addr.is_empty() { own_addr.to_string() } else { config.advertised_addr.clone() },
+            )),
         ];
-        Ok(Controller { core, metadata, server, background })
+        Ok(Controller {
+            core,
+            metadata,
+            server: parking_lot::Mutex::new(Some(server)),
+            background: parking_lot::Mutex::new(background),
+        })
     }
 
     /// Proposes `cmd` and waits until it is applied (on the Raft leader), returning whether
@@ -183,19 +200,22 @@ impl Controller {
     }
 
     /// Stops heartbeating, stops the Raft node and closes the listener and its connections.
-    pub async fn shutdown(self) {
-        for task in &self.background {
+    /// A second call does nothing.
+    pub async fn shutdown(&self) {
+        let background = std::mem::take(&mut *self.background.lock());
+        let Some(server) = self.server.lock().take() else { return };
+        for task in &background {
             task.abort();
         }
-        for task in self.background {
+        for task in background {
             // Cancelled or finished: either way it is gone.
             let _cancelled = task.await;
         }
         if let Err(e) = self.core.raft.shutdown().await {
             tracing::warn!(node = self.core.node_id, error = %e, "controller: raft shutdown");
         }
-        self.server.abort();
-        let _cancelled = self.server.await;
+        server.abort();
+        let _cancelled = server.await;
     }
 }
 

@@ -58,7 +58,7 @@ impl ServerProcess {
     /// Starts `rill serve` on `data_dir`; its stderr is appended to `log_path`. Panics (with
     /// the log) if it does not become ready.
     pub fn start(data_dir: &Path, log_path: &Path, listen: &str, metrics_listen: &str) -> ServerProcess {
-        match Self::try_start(data_dir, log_path, listen, metrics_listen) {
+        match Self::try_start(data_dir, log_path, listen, metrics_listen, &[]) {
             Ok(server) => server,
             Err(why) => panic!("rill serve did not start: {why}\n--- server log ---\n{}", read_log(log_path)),
         }
@@ -67,9 +67,20 @@ impl ServerProcess {
     /// Like [`ServerProcess::start`], but retries while the server exits at once (its
     /// listener address may still be held briefly after the previous server was killed).
     pub fn start_retrying(data_dir: &Path, log_path: &Path, listen: &str, metrics_listen: &str) -> ServerProcess {
+        Self::start_retrying_with(data_dir, log_path, listen, metrics_listen, &[])
+    }
+
+    /// [`ServerProcess::start_retrying`] with more `rill serve` arguments.
+    pub fn start_retrying_with(
+        data_dir: &Path,
+        log_path: &Path,
+        listen: &str,
+        metrics_listen: &str,
+        extra: &[String],
+    ) -> ServerProcess {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match Self::try_start(data_dir, log_path, listen, metrics_listen) {
+            match Self::try_start(data_dir, log_path, listen, metrics_listen, extra) {
                 Ok(server) => return server,
                 Err(why) if Instant::now() < deadline => eprintln!("rill serve failed to start, retrying: {why}"),
                 Err(why) => panic!("rill serve did not start: {why}\n--- server log ---\n{}", read_log(log_path)),
@@ -83,11 +94,13 @@ impl ServerProcess {
         log_path: &Path,
         listen: &str,
         metrics_listen: &str,
+        extra: &[String],
     ) -> Result<ServerProcess, String> {
         let log = File::options().create(true).append(true).open(log_path).expect("open the server log");
         let mut child = Command::new(RILL)
             .args(["serve", "--listen", listen, "--metrics-listen", metrics_listen, "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
