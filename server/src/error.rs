@@ -107,7 +107,10 @@ impl ErrorCode {
 
     /// Whether a client may retry the same request unchanged.
     pub fn is_retriable(self) -> bool {
-        matches!(self, ErrorCode::Throttled | ErrorCode::ShuttingDown | ErrorCode::NotEnoughReplicas)
+        matches!(
+            self,
+            ErrorCode::Throttled | ErrorCode::ShuttingDown | ErrorCode::NotEnoughReplicas | ErrorCode::NotLeader
+        )
     }
 }
 

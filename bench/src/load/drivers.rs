@@ -90,6 +90,8 @@ pub struct SendSettings {
     pub linger_ms: u64,
     /// rill server `ProducerConfig::batch_size_bytes`.
     pub batch_bytes: usize,
+    /// rill server `ProducerConfig::acks`.
+    pub acks: rill_server::messages::Acks,
 }
 
 /// A connected system.
@@ -185,6 +187,14 @@ impl Driver {
                     retention_ms: None,
                 };
                 admin.create_topic(stream, settings).await?;
+                // In a cluster the topic reaches this node through the controller's metadata.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while admin.metadata(&[stream]).await.is_err() {
+                    if std::time::Instant::now() > deadline {
+                        return Err(format!("topic {stream} did not appear on the server").into());
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
                 Ok(())
             }
             #[cfg(feature = "peers")]
@@ -219,6 +229,7 @@ impl Driver {
                 let config = ProducerConfig {
                     linger_ms: s.linger_ms,
                     batch_size_bytes: s.batch_bytes,
+                    acks: s.acks,
                     idempotent: false,
                     ..ProducerConfig::default()
                 };

@@ -104,6 +104,10 @@ pub struct LoadArgs {
     /// rill server client: batch size in KiB.
     #[arg(long, default_value_t = 256)]
     pub batch_kib: usize,
+    /// rill server client: acknowledgement level (`all` waits for the in-sync replicas of a
+    /// cluster; on a single node it is `leader`).
+    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    pub acks: AcksArg,
     /// Measured seconds per run.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
@@ -128,6 +132,24 @@ pub struct LoadArgs {
     /// How the rill server is run (`--server process` starts `rill serve`).
     #[command(flatten)]
     pub server: ServerArgs,
+}
+
+/// `--acks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AcksArg {
+    /// The leader's log acknowledged the batch.
+    Leader,
+    /// Every in-sync replica holds the batch.
+    All,
+}
+
+impl From<AcksArg> for rill_server::messages::Acks {
+    fn from(acks: AcksArg) -> Self {
+        match acks {
+            AcksArg::Leader => rill_server::messages::Acks::Leader,
+            AcksArg::All => rill_server::messages::Acks::All,
+        }
+    }
 }
 
 fn histogram() -> Result<Histogram<u64>> {
@@ -392,7 +414,7 @@ async fn traffic(
     groups: usize,
     outcome: &mut Outcome,
 ) -> Result<()> {
-    let settings = SendSettings { linger_ms: args.linger_ms, batch_bytes: args.batch_kib * 1024 };
+    let settings = SendSettings { linger_ms: args.linger_ms, batch_bytes: args.batch_kib * 1024, acks: args.acks.into() };
     let mut consumers = Vec::new();
     for group in 0..groups {
         for p in 0..args.partitions {
@@ -603,7 +625,7 @@ async fn produce(
 /// Fills a log with `--replay-mib` MiB of payload (closed loop, the run's durability), then
 /// times one consumer per partition reading it all from the start.
 async fn replay(driver: &Driver, stream: &str, args: &LoadArgs, outcome: &mut Outcome) -> Result<()> {
-    let settings = SendSettings { linger_ms: args.linger_ms, batch_bytes: args.batch_kib * 1024 };
+    let settings = SendSettings { linger_ms: args.linger_ms, batch_bytes: args.batch_kib * 1024, acks: args.acks.into() };
     let total = (args.replay_mib << 20) / args.message_size as u64;
     let per_producer = total.div_ceil(args.producers as u64);
     let fill_start = Instant::now();

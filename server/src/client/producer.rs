@@ -54,8 +54,9 @@ pub struct ProducerConfig {
     /// Stamp batches with a producer id and sequence numbers so that retries never
     /// duplicate records. Without it, a retry may duplicate or reorder records.
     pub idempotent: bool,
-    /// Acknowledgement level; the producer needs [`Acks::Leader`] to know where records
-    /// landed (use [`Client::produce`] for fire-and-forget).
+    /// Acknowledgement level: [`Acks::Leader`] or [`Acks::All`] (replicated: every in-sync
+    /// replica holds the batch); the producer needs an answer to know where records landed
+    /// (use [`Client::produce`] for fire-and-forget).
     pub acks: Acks,
     /// Compression of each batch's records.
     pub compression: Compression,
@@ -87,9 +88,9 @@ impl Default for ProducerConfig {
 impl ProducerConfig {
     fn validate(&self) -> Result<()> {
         let invalid = |reason: String| Err(Error::Config { reason });
-        if self.acks != Acks::Leader {
+        if self.acks == Acks::None {
             return invalid(
-                "the producer needs acks = leader to learn offsets; use Client::produce for acks = none".into(),
+                "the producer needs acks = leader or all to learn offsets; use Client::produce for acks = none".into(),
             );
         }
         let batch_max = BATCH_SIZE_BYTES_MAX as usize - BATCH_HEADER_SIZE;

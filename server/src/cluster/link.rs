@@ -6,6 +6,9 @@
 //!   (with the topic's recorded settings) if it is missing.
 //! * Every partition this node replicates gets its role ([`PartitionRole`]) applied: the
 //!   leader's address is the one the leader registered (its rill listener).
+//! * A topic that disappears from the metadata after this process saw it there (a
+//!   `DeleteTopic`) is deleted locally. Topics never seen in the metadata are left alone: a
+//!   node whose controller state is new must not wipe data it cannot account for.
 //! * ISR proposals from [`ReplicaManager::take_isr_proposals`] become `UpdateIsr` commands;
 //!   a rejected one (stale epoch) is dropped, the leader's next check proposes again.
 
@@ -46,9 +49,10 @@ pub async fn run(
         });
     }
     let mut metadata = controller.metadata();
+    let mut seen = std::collections::BTreeSet::new();
     loop {
         let current = metadata.borrow_and_update().clone();
-        if let Err(e) = apply(&manager, &store, &current).await {
+        if let Err(e) = apply(&manager, &store, &current, &mut seen).await {
             tracing::warn!(%e, "applying cluster metadata failed; retrying on the next change");
         }
         tokio::select! {
@@ -60,14 +64,37 @@ pub async fn run(
     }
 }
 
-/// Makes the local store and the replica manager match `metadata`.
-pub async fn apply(manager: &Arc<ReplicaManager>, store: &Arc<Store>, metadata: &ClusterMetadata) -> Result<()> {
+/// Makes the local store and the replica manager match `metadata`; `seen` holds the
+/// replicated topics of earlier metadata (those that disappear are deleted here).
+pub async fn apply(
+    manager: &Arc<ReplicaManager>,
+    store: &Arc<Store>,
+    metadata: &ClusterMetadata,
+    seen: &mut std::collections::BTreeSet<String>,
+) -> Result<()> {
     let me = manager.node_id();
     let mut first_error = None;
+    let gone: Vec<String> = seen.iter().filter(|name| !metadata.topics.contains_key(*name)).cloned().collect();
+    for name in gone {
+        manager.forget_topic(&name);
+        let (store, topic) = (Arc::clone(store), name.clone());
+        let deleted = tokio::task::spawn_blocking(move || store.delete_topic(&topic))
+            .await
+            .map_err(|e| Error::io("delete a replicated topic", std::io::Error::other(e.to_string())))?;
+        match deleted {
+            Ok(()) | Err(rill_engine::Error::TopicNotFound { .. }) => {
+                seen.remove(&name);
+            }
+            Err(e) => {
+                first_error.get_or_insert(Error::from(e));
+            }
+        }
+    }
     for (name, topic) in &metadata.topics {
         if !topic.partitions.iter().any(|p| p.replicas.contains(&me)) {
             continue;
         }
+        seen.insert(name.clone());
         if store.topic(name).is_err() {
             let config = topic_config(&topic.config, topic.partitions.len())?;
             let (store, name) = (Arc::clone(store), name.clone());

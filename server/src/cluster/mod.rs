@@ -424,6 +424,12 @@ impl ReplicaManager {
         })
     }
 
+    /// Drops the roles of every partition of `topic` (deleted from the cluster); their
+    /// fetchers stop.
+    pub fn forget_topic(&self, topic: &str) {
+        self.entries.lock().retain(|(t, _), _| t != topic);
+    }
+
     /// Stops every fetcher (shutdown).
     pub fn stop(&self) {
         self.entries.lock().clear();
