@@ -20,7 +20,7 @@ use bytes::Bytes;
 use rill_engine::ProducerIdentity;
 use tokio::net::{lookup_host, ToSocketAddrs};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::limits::{FRAME_SIZE_BYTES_MAX, METADATA_TOPICS_MAX, STRING_LEN_MAX};
 use crate::messages::{
     Acks, GroupAssignment, LeaseRef, OffsetQuery, PriorityCursorOptions, PriorityCursorSettings, PriorityDelivery,
@@ -75,6 +75,33 @@ struct ClientInner {
     addrs: Vec<SocketAddr>,
     client_id: String,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// Where partition leaders are, in a cluster.
+    routing: tokio::sync::Mutex<Routing>,
+    /// Set by an answer `NotLeader`: the routes are refreshed before the next request.
+    routes_stale: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The client's view of a cluster: requests for a partition go to its leader.
+#[derive(Debug, Default)]
+struct Routing {
+    /// `None` until the first partition request asks; `Some(false)` on a single node.
+    cluster: Option<bool>,
+    leaders: std::collections::HashMap<(String, u32), SocketAddr>,
+    connections: std::collections::HashMap<SocketAddr, Arc<Connection>>,
+    refreshed: Option<std::time::Instant>,
+}
+
+/// Shortest time between two refreshes of the routes for a partition they lack.
+const ROUTES_REFRESH_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The partition a request is about, for requests a partition's leader must answer.
+fn routed_partition(request: &Request) -> Option<(&str, u32)> {
+    match request {
+        Request::Produce { topic, partition, .. }
+        | Request::Fetch { topic, partition, .. }
+        | Request::ListOffsets { topic, partition, .. } => Some((topic, *partition)),
+        _ => None,
+    }
 }
 
 impl Client {
@@ -93,8 +120,53 @@ impl Client {
                 addrs,
                 client_id: client_id.to_string(),
                 connection: tokio::sync::Mutex::new(Some(connection)),
+                routing: tokio::sync::Mutex::new(Routing::default()),
+                routes_stale: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             }),
         })
+    }
+
+    /// The connection for `topic`/`partition`: its leader's in a cluster (routes learned
+    /// from `Leaders` and refreshed after a `NotLeader`), else the client's own.
+    async fn partition_connection(&self, topic: &str, partition: u32) -> Result<Arc<Connection>> {
+        let mut routing = self.inner.routing.lock().await;
+        let key = (topic.to_string(), partition);
+        let stale = self.inner.routes_stale.swap(false, std::sync::atomic::Ordering::Relaxed);
+        let missing = routing.cluster == Some(true) && !routing.leaders.contains_key(&key);
+        let may_refresh = routing.refreshed.is_none_or(|at| at.elapsed() >= ROUTES_REFRESH_MIN);
+        if routing.cluster.is_none() || ((stale || missing) && may_refresh) {
+            self.refresh_routes(&mut routing).await;
+        }
+        let Some(&addr) = routing.leaders.get(&key).filter(|_| routing.cluster == Some(true)) else {
+            drop(routing);
+            return self.connection().await;
+        };
+        if let Some(connection) = routing.connections.get(&addr).filter(|c| !c.is_closed()) {
+            return Ok(Arc::clone(connection));
+        }
+        let connection = Connection::open(&[addr], &self.inner.client_id).await?;
+        routing.connections.insert(addr, Arc::clone(&connection));
+        Ok(connection)
+    }
+
+    async fn refresh_routes(&self, routing: &mut Routing) {
+        routing.refreshed = Some(std::time::Instant::now());
+        let answer = async { self.connection().await?.start(Request::Leaders).await?.await };
+        match answer.await {
+            Ok(Some(Response::Leaders { nodes, partitions })) => {
+                routing.cluster = Some(!nodes.is_empty());
+                let addrs: std::collections::HashMap<u32, SocketAddr> =
+                    nodes.iter().filter_map(|(id, addr)| Some((*id, addr.parse().ok()?))).collect();
+                routing.leaders = partitions
+                    .into_iter()
+                    .filter_map(|p| Some(((p.topic, p.partition), *addrs.get(&p.leader?)?)))
+                    .collect();
+            }
+            // A server without the api (older than replication) is a single node.
+            Err(Error::Server { code: ErrorCode::UnknownApi, .. }) => routing.cluster = Some(false),
+            // Unreachable for now: keep what is known and try again later.
+            _ => {}
+        }
     }
 
     /// The client id sent with every request.
@@ -118,7 +190,12 @@ impl Client {
     /// Requests started one after another by one task are written in that order.
     pub(crate) async fn start(&self, request: Request) -> Result<ResponseFuture> {
         check_request(&request)?;
-        self.connection().await?.start(request).await
+        let connection = match routed_partition(&request) {
+            Some((topic, partition)) => self.partition_connection(topic, partition).await?,
+            None => self.connection().await?,
+        };
+        let flag = Arc::clone(&self.inner.routes_stale);
+        Ok(connection.start(request).await?.flag_not_leader(flag))
     }
 
     /// Sends `request` and waits for its response.
@@ -218,6 +295,15 @@ impl Client {
             Response::ReplicaFetch { high_watermark, log_end, records } => {
                 Ok(crate::cluster::ReplicaData { high_watermark, log_end, records })
             }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The cluster's nodes (id, client address) and every partition's leader, as the
+    /// connected node's controller knows them; both empty on a single node.
+    pub async fn leaders(&self) -> Result<(Vec<(u32, String)>, Vec<crate::messages::PartitionLeader>)> {
+        match self.call(Request::Leaders).await? {
+            Response::Leaders { nodes, partitions } => Ok((nodes, partitions)),
             other => Err(unexpected(&other)),
         }
     }
@@ -468,7 +554,7 @@ pub(crate) fn produce_ack(response: Response) -> Result<ProduceAck> {
 /// frame size. A request that fails here is never sent.
 fn check_request(request: &Request) -> Result<()> {
     match request {
-        Request::ApiVersions | Request::ListTopics | Request::Stats => Ok(()),
+        Request::ApiVersions | Request::ListTopics | Request::Stats | Request::Leaders => Ok(()),
         Request::Metadata { topics } => {
             if topics.len() > METADATA_TOPICS_MAX as usize {
                 return Err(Error::malformed(format!(

@@ -64,8 +64,10 @@ pub mod api {
     pub const REPLICA_FETCH: u16 = 25;
     /// Where a leader epoch ends on the leader's log (a follower's truncation point).
     pub const EPOCH_END_OFFSET: u16 = 26;
+    /// Where each partition's leader is (cluster metadata for clients).
+    pub const LEADERS: u16 = 27;
     /// Number of api keys defined.
-    pub const COUNT: u16 = 27;
+    pub const COUNT: u16 = 28;
 }
 
 /// The only version of every api in protocol v1.
@@ -107,6 +109,22 @@ pub struct TopicSettings {
     pub retention_bytes: Option<u64>,
     /// Retention by age.
     pub retention_ms: Option<u64>,
+}
+
+/// Most nodes a `Leaders` answer may list.
+pub const LEADERS_NODES_MAX: u32 = 10_000;
+
+/// Where one partition's leader is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLeader {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The leader's node id; `None` while the partition is offline.
+    pub leader: Option<u32>,
+    /// The leader epoch.
+    pub leader_epoch: u32,
 }
 
 /// One partition's offsets.
@@ -320,6 +338,8 @@ pub enum Request {
         /// Long poll: wait up to this long for data past `offset`.
         max_wait_ms: u32,
     },
+    /// The cluster's nodes and every partition's leader.
+    Leaders,
     /// Kafka's OffsetsForLeaderEpoch for one partition.
     EpochEndOffset {
         /// Topic.
@@ -544,6 +564,13 @@ pub enum Response {
         /// Whole batches, as on disk (offsets and epochs as the leader wrote them).
         records: Bytes,
     },
+    /// The cluster's nodes and partition leaders (both empty on a single node).
+    Leaders {
+        /// Every node: id and client address.
+        nodes: Vec<(u32, String)>,
+        /// Every partition: topic, partition, leader node (`None`: offline), leader epoch.
+        partitions: Vec<PartitionLeader>,
+    },
     /// Where an epoch ends on the leader.
     EpochEndOffset {
         /// The largest epoch on the leader's log not above the one asked for.
@@ -586,6 +613,7 @@ impl Request {
             Request::Fetch { .. } => api::FETCH,
             Request::ReplicaFetch { .. } => api::REPLICA_FETCH,
             Request::EpochEndOffset { .. } => api::EPOCH_END_OFFSET,
+            Request::Leaders => api::LEADERS,
             Request::ListOffsets { .. } => api::LIST_OFFSETS,
             Request::CommitOffset { .. } => api::COMMIT_OFFSET,
             Request::FetchOffset { .. } => api::FETCH_OFFSET,
@@ -701,6 +729,7 @@ impl Request {
             Request::EpochEndOffset { topic, partition, epoch } => {
                 w.string(topic).u32(*partition).u32(*epoch);
             }
+            Request::Leaders => {}
             Request::ListOffsets { topic, partition, query } => {
                 let q = match query {
                     OffsetQuery::Earliest => -2,
@@ -862,6 +891,7 @@ impl Request {
                 max_bytes: r.u32("max bytes")?,
                 max_wait_ms: r.u32("max wait")?,
             },
+            api::LEADERS => Request::Leaders,
             api::EPOCH_END_OFFSET => Request::EpochEndOffset {
                 topic: r.string("topic")?,
                 partition: r.u32("partition")?,
@@ -1008,6 +1038,16 @@ impl Response {
             }
             Response::EpochEndOffset { epoch, end_offset } => {
                 w.u32(*epoch).u64(*end_offset);
+            }
+            Response::Leaders { nodes, partitions } => {
+                w.u32(u32::try_from(nodes.len()).expect("node count fits u32"));
+                for (id, addr) in nodes {
+                    w.u32(*id).string(addr);
+                }
+                w.u32(u32::try_from(partitions.len()).expect("partition count fits u32"));
+                for p in partitions {
+                    w.string(&p.topic).u32(p.partition).i64(p.leader.map_or(-1, i64::from)).u32(p.leader_epoch);
+                }
             }
             Response::Offset(offset) => {
                 w.opt_u64(*offset);
@@ -1188,6 +1228,26 @@ fn decode_body(api_key: u16, r: &mut WireReader) -> Result<Response> {
             records: r.bytes("records")?,
         },
         api::EPOCH_END_OFFSET => Response::EpochEndOffset { epoch: r.u32("epoch")?, end_offset: r.u64("end offset")? },
+        api::LEADERS => {
+            let count = r.u32("node count")?;
+            if count > LEADERS_NODES_MAX {
+                return Err(Error::malformed(format!("{count} nodes, over {LEADERS_NODES_MAX}")));
+            }
+            let nodes =
+                (0..count).map(|_| Ok((r.u32("node id")?, r.string("node address")?))).collect::<Result<_>>()?;
+            let count = r.u32("partition count")?;
+            let mut partitions = Vec::new();
+            for _ in 0..count {
+                let topic = r.string("topic")?;
+                let partition = r.u32("partition")?;
+                let leader = match r.i64("leader")? {
+                    -1 => None,
+                    id => Some(u32::try_from(id).map_err(|_| Error::malformed(format!("leader {id}")))?),
+                };
+                partitions.push(PartitionLeader { topic, partition, leader, leader_epoch: r.u32("leader epoch")? });
+            }
+            Response::Leaders { nodes, partitions }
+        }
         api::LIST_OFFSETS | api::FETCH_OFFSET => Response::Offset(r.opt_u64("offset")?),
         api::STATS => {
             let count = r.u32("stat count")?;
@@ -1263,6 +1323,7 @@ mod tests {
                 max_wait_ms: 500,
             },
             Request::EpochEndOffset { topic: "t".into(), partition: 1, epoch: 4 },
+            Request::Leaders,
             Request::Stats,
             Request::CreatePriorityTopic {
                 name: "q".into(),
@@ -1357,6 +1418,16 @@ mod tests {
                 Response::ReplicaFetch { high_watermark: 5, log_end: 9, records: Bytes::from(vec![4u8; 300]) },
             ),
             (api::EPOCH_END_OFFSET, Response::EpochEndOffset { epoch: 3, end_offset: 1_000 }),
+            (
+                api::LEADERS,
+                Response::Leaders {
+                    nodes: vec![(1, "127.0.0.1:7401".into()), (2, "127.0.0.1:7402".into())],
+                    partitions: vec![
+                        PartitionLeader { topic: "t".into(), partition: 0, leader: Some(2), leader_epoch: 7 },
+                        PartitionLeader { topic: "t".into(), partition: 1, leader: None, leader_epoch: 3 },
+                    ],
+                },
+            ),
             (api::LIST_OFFSETS, Response::Offset(None)),
             (api::STATS, Response::Stats(vec![("x".into(), 3)])),
             (api::LIST_TOPICS, Response::ListTopics(vec!["a".into()])),

@@ -75,6 +75,7 @@ const API_NAMES: [&str; api::COUNT as usize] = [
     "member_commit_offset",
     "replica_fetch",
     "epoch_end_offset",
+    "leaders",
 ];
 
 /// Per-topic traffic counters.

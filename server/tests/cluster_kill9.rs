@@ -1,7 +1,8 @@
 //! Three real `rill serve` processes on loopback form a cluster (`--node-id`, `--peers`: the
 //! openraft controller assigns partitions, elects leaders, tracks the ISR). An idempotent
 //! producer writes with `acks = all` while a consumer reads below the high watermark; the
-//! test SIGKILLs the partition's leader, waits until the cluster has failed over (writes
+//! test SIGKILLs the partition's leader (as the nodes' `Leaders` answers with the newest
+//! epoch name it), waits until the cluster has failed over (writes
 //! are acknowledged again), and restarts it, for `RILL_CLUSTER_KILL9_ROUNDS` rounds
 //! (default 10) at seeded random moments.
 //!
@@ -24,7 +25,7 @@ use common::{env_count, free_port, Rng, ServerProcess};
 use parking_lot::Mutex;
 use rill_engine::format::batch::{BatchBuilder, BatchIter};
 use rill_engine::{Compression, FsyncPolicy, ProducerFields, Record};
-use rill_server::client::Client;
+use rill_server::client::{Client, Consumer, Producer, ProducerConfig, StartPosition};
 use rill_server::messages::{Acks, TopicSettings};
 use rill_server::{Error, ErrorCode};
 
@@ -178,20 +179,42 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn leader_sigkill_under_acks_all_loses_nothing() {
-    let rounds = env_count("RILL_CLUSTER_KILL9_ROUNDS", 10);
-    let seed = Rng::seed_from_env("RILL_CLUSTER_KILL9_SEED");
-    let mut rng = Rng::new(seed);
-    let root = tempfile::tempdir().expect("tempdir");
+/// The index of the node that leads the partition, by the answer with the newest leader
+/// epoch among the nodes that answer.
+async fn current_leader(addrs: &[SocketAddr]) -> usize {
+    let started = Instant::now();
+    loop {
+        let mut best: Option<(u32, u32)> = None;
+        for addr in addrs {
+            let ask = async { Client::connect(*addr, "leader-probe").await?.leaders().await };
+            if let Ok(Ok((_, partitions))) = tokio::time::timeout(REQUEST_TIMEOUT, ask).await {
+                for p in partitions.iter().filter(|p| p.topic == TOPIC && p.partition == 0) {
+                    if let Some(leader) = p.leader {
+                        if best.is_none_or(|(epoch, _)| p.leader_epoch > epoch) {
+                            best = Some((p.leader_epoch, leader));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((_, leader)) = best {
+            return leader as usize - 1;
+        }
+        assert!(started.elapsed() < DEADLINE, "no node names a leader");
+        tokio::time::sleep(Duration::from_millis(50)).await; // the partition is offline for now
+    }
+}
+
+/// Starts three nodes in `root` (fixed ports, so a restarted node keeps its addresses).
+fn start_cluster(root: &std::path::Path) -> (Vec<Node>, Vec<SocketAddr>, String) {
     let controller_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
     let peers: String =
         (0..NODES).map(|i| format!("{}=127.0.0.1:{}", i + 1, controller_ports[i])).collect::<Vec<_>>().join(",");
     let mut nodes: Vec<Node> = (0..NODES)
         .map(|i| {
-            let dir = root.path().join(format!("node-{}", i + 1));
+            let dir = root.join(format!("node-{}", i + 1));
             std::fs::create_dir_all(&dir).expect("data dir");
-            let config = root.path().join(format!("node-{}.toml", i + 1));
+            let config = root.join(format!("node-{}.toml", i + 1));
             std::fs::write(
                 &config,
                 "node_timeout_ms = 1500\nreplica_lag_time_max_ms = 3000\nmin_insync_replicas = 2\nreplication_factor = 3\n",
@@ -199,7 +222,7 @@ async fn leader_sigkill_under_acks_all_loses_nothing() {
             .expect("config");
             Node {
                 id: i as u32 + 1,
-                log: root.path().join(format!("node-{}.log", i + 1)),
+                log: root.join(format!("node-{}.log", i + 1)),
                 dir,
                 listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
                 config,
@@ -210,19 +233,82 @@ async fn leader_sigkill_under_acks_all_loses_nothing() {
     for node in &mut nodes {
         node.start(&peers);
     }
-    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.listen).collect();
+    let addrs = nodes.iter().map(|n| n.listen).collect();
+    (nodes, addrs, peers)
+}
 
-    // The topic, once the controller has a leader and all three nodes registered.
+/// Creates the test topic through `addr` once the controller has a leader and every node
+/// has registered.
+async fn create_topic(addr: SocketAddr, partitions: u32) {
     let started = Instant::now();
     loop {
-        let client = Client::connect(addrs[0], "admin").await.expect("connect");
-        let settings = TopicSettings { partitions: 1, fsync: Some(FsyncPolicy::Always), ..TopicSettings::default() };
+        let client = Client::connect(addr, "admin").await.expect("connect");
+        let settings = TopicSettings { partitions, fsync: Some(FsyncPolicy::Always), ..TopicSettings::default() };
         match client.create_topic(TOPIC, settings).await {
-            Ok(()) => break,
+            Ok(()) => return,
             Err(e) => assert!(started.elapsed() < DEADLINE, "create the topic: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(100)).await; // the controller is still forming
     }
+}
+
+/// A `Producer` and a `Consumer` connected to nodes that lead none or only some of the
+/// partitions reach every partition's leader: the client learns the leaders (`Leaders`)
+/// and follows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_follow_partition_leaders() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (mut nodes, addrs, _peers) = start_cluster(root.path());
+    create_topic(addrs[0], 3).await;
+    let client = Client::connect(addrs[1], "routed-producer").await.expect("connect");
+    let producer =
+        Producer::new(client, ProducerConfig { acks: Acks::All, ..ProducerConfig::default() }).expect("producer");
+    let started = Instant::now();
+    let mut receipts = BTreeMap::new();
+    for i in 0..300u32 {
+        let value = format!("routed-{i:04}");
+        loop {
+            let send =
+                producer.send(TOPIC, Some(Bytes::from(format!("key-{i}"))), Bytes::from(value.clone()), Vec::new());
+            match send.await {
+                Ok(receipt) => {
+                    receipts.insert((receipt.partition, receipt.offset), value);
+                    break;
+                }
+                // The replicas may still be taking their roles right after the topic exists.
+                Err(e) => assert!(started.elapsed() < DEADLINE, "send {value}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // roles are being applied
+        }
+    }
+    let partitions: std::collections::BTreeSet<u32> = receipts.keys().map(|(p, _)| *p).collect();
+    assert_eq!(partitions.len(), 3, "keys spread over every partition: {partitions:?}");
+    let client = Client::connect(addrs[2], "routed-consumer").await.expect("connect");
+    let mut consumer = Consumer::new(client, None, TOPIC, StartPosition::Earliest).await.expect("consumer");
+    let mut read = BTreeMap::new();
+    while read.len() < receipts.len() {
+        assert!(started.elapsed() < DEADLINE, "read {} of {}", read.len(), receipts.len());
+        for r in consumer.poll(200).await.expect("poll") {
+            let value = String::from_utf8(r.value.expect("value").to_vec()).expect("utf-8");
+            read.insert((r.partition, r.offset), value);
+        }
+    }
+    assert_eq!(read, receipts, "every acknowledged record, read back through the leaders");
+    for node in &mut nodes {
+        if let Some(mut process) = node.process.take() {
+            assert!(process.terminate().success(), "node {} exits cleanly", node.id);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_sigkill_under_acks_all_loses_nothing() {
+    let rounds = env_count("RILL_CLUSTER_KILL9_ROUNDS", 10);
+    let seed = Rng::seed_from_env("RILL_CLUSTER_KILL9_SEED");
+    let mut rng = Rng::new(seed);
+    let root = tempfile::tempdir().expect("tempdir");
+    let (mut nodes, addrs, peers) = start_cluster(root.path());
+    create_topic(addrs[0], 1).await;
     let producer = loop {
         let client = Client::connect(addrs[0], "admin").await.expect("connect");
         if let Ok(identity) = client.init_producer_id(None).await {
@@ -258,7 +344,7 @@ async fn leader_sigkill_under_acks_all_loses_nothing() {
         let before = sent.load(Ordering::Relaxed);
         let wanted = before + 20 + rng.below(200);
         wait_for("writes before the kill", || sent.load(Ordering::Relaxed) >= wanted).await;
-        let victim = leader_hint.load(Ordering::Relaxed);
+        let victim = current_leader(&addrs).await;
         nodes[victim].process.as_mut().expect("running").kill();
         let killed_at = sent.load(Ordering::Relaxed);
         // The cluster fails over: writes are acknowledged again by another node.
@@ -273,7 +359,7 @@ async fn leader_sigkill_under_acks_all_loses_nothing() {
     consuming.await.expect("consumer task");
 
     // The leader's log below the high watermark holds every acknowledged record, once.
-    let leader = addrs[leader_hint.load(Ordering::Relaxed)];
+    let leader = addrs[current_leader(&addrs).await];
     let acked = ledger.lock().acked.clone();
     let last_acked = *acked.keys().next_back().expect("records were acknowledged");
     let log = loop {

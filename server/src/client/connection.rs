@@ -217,7 +217,7 @@ impl Connection {
             (Reply::Response { tx, permit }, ResponseRx::Response(rx))
         };
         self.outgoing.send(Outgoing { request, reply }).await.map_err(|_closed| Error::ConnectionClosed)?;
-        Ok(ResponseFuture { rx, connection: Arc::clone(self) })
+        Ok(ResponseFuture { rx, connection: Arc::clone(self), not_leader: None })
     }
 }
 
@@ -234,9 +234,17 @@ enum ResponseRx {
 pub(crate) struct ResponseFuture {
     rx: ResponseRx,
     connection: Arc<Connection>,
+    /// Set when the answer is `NotLeader` (the client's partition routes are stale).
+    not_leader: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl ResponseFuture {
+    /// Sets `flag` if the answer turns out to be `NotLeader`.
+    pub(crate) fn flag_not_leader(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.not_leader = Some(flag);
+        self
+    }
+
     /// Closes the connection the request was sent on (after a timeout: its response, and
     /// those of every later request, can no longer be told apart from stale ones).
     pub(crate) fn close_connection(&self) {
@@ -250,9 +258,15 @@ impl Future for ResponseFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         match &mut this.rx {
-            ResponseRx::Response(rx) => {
-                Pin::new(rx).poll(cx).map(|r| r.map_err(|_dropped| Error::ConnectionClosed)?.map(Some))
-            }
+            ResponseRx::Response(rx) => Pin::new(rx).poll(cx).map(|r| {
+                let response = r.map_err(|_dropped| Error::ConnectionClosed)?;
+                if let (Err(Error::Server { code: crate::ErrorCode::NotLeader, .. }), Some(flag)) =
+                    (&response, &this.not_leader)
+                {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                response.map(Some)
+            }),
             ResponseRx::Written(rx) => Pin::new(rx).poll(cx).map(|r| {
                 r.map_err(|_dropped| Error::ConnectionClosed)?;
                 Ok(None)

@@ -49,6 +49,16 @@ pub async fn run(
         });
     }
     let mut metadata = controller.metadata();
+    // Until this start's registration is in the local metadata, the metadata may be a stale
+    // copy from before a restart (naming this node leader of an epoch long over): act on
+    // nothing until then.
+    let me = manager.node_id();
+    let at_start = controller.registrations_at_start();
+    let registered = |m: &ClusterMetadata| m.nodes.get(&me).is_some_and(|n| n.registrations > at_start);
+    tokio::select! {
+        current = metadata.wait_for(registered) => if current.is_err() { return },
+        _ = stop.wait_for(|stopping| *stopping) => return,
+    }
     let mut seen = std::collections::BTreeSet::new();
     loop {
         let current = metadata.borrow_and_update().clone();

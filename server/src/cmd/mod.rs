@@ -47,6 +47,29 @@ pub struct Shared {
     pub controller: Option<Arc<crate::controller::Controller>>,
 }
 
+/// The cluster's nodes and partition leaders as this node's controller knows them (empty
+/// lists on a single node).
+fn leaders(shared: &Shared) -> Response {
+    let Some(controller) = &shared.controller else {
+        return Response::Leaders { nodes: Vec::new(), partitions: Vec::new() };
+    };
+    let metadata = controller.metadata();
+    let metadata = metadata.borrow();
+    let nodes = metadata.nodes.iter().map(|(id, node)| (*id, node.addr.clone())).collect();
+    let mut partitions = Vec::new();
+    for (topic, assignment) in &metadata.topics {
+        for (index, p) in assignment.partitions.iter().enumerate() {
+            partitions.push(crate::messages::PartitionLeader {
+                topic: topic.clone(),
+                partition: u32::try_from(index).expect("partition counts are u32"),
+                leader: p.leader,
+                leader_epoch: p.leader_epoch,
+            });
+        }
+    }
+    Response::Leaders { nodes, partitions }
+}
+
 /// The replica manager, or the answer a single node gives to replication requests.
 fn cluster(shared: &Shared) -> Result<&Arc<crate::cluster::ReplicaManager>> {
     shared.cluster.as_ref().ok_or_else(|| crate::Error::Server {
@@ -91,6 +114,7 @@ pub async fn execute(shared: &Arc<Shared>, request: Request) -> Result<Response>
                 records: data.records,
             })
         }
+        Request::Leaders => Ok(leaders(shared)),
         Request::EpochEndOffset { topic, partition, epoch } => {
             let (epoch, end_offset) = cluster(shared)?.epoch_end_offset(&topic, partition, epoch)?;
             Ok(Response::EpochEndOffset { epoch, end_offset })

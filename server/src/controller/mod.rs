@@ -100,6 +100,8 @@ struct Core {
 pub struct Controller {
     core: Arc<Core>,
     metadata: watch::Receiver<ClusterMetadata>,
+    /// This node's registration count in the metadata as it was opened.
+    registrations_at_start: u64,
     server: parking_lot::Mutex<Option<JoinHandle<()>>>,
     background: parking_lot::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -160,6 +162,7 @@ impl Controller {
             core.initialize().await?;
         }
         let timeout = Duration::from_millis(config.heartbeat_timeout_ms);
+        let registrations_at_start = metadata.borrow().nodes.get(&config.node_id).map_or(0, |n| n.registrations);
         let background = vec![
             tokio::spawn(watch_liveness(Arc::clone(&core), metadata.clone(), timeout)),
             tokio::spawn(register_and_heartbeat(
@@ -170,6 +173,7 @@ impl Controller {
         Ok(Controller {
             core,
             metadata,
+            registrations_at_start,
             server: parking_lot::Mutex::new(Some(server)),
             background: parking_lot::Mutex::new(background),
         })
@@ -180,6 +184,13 @@ impl Controller {
     /// leader. Gives up after [`CONTROLLER_PROPOSE_TIMEOUT_MS`] without a reachable leader.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult> {
         self.core.propose(cmd).await
+    }
+
+    /// This node's registration count in the metadata when it started: once the local
+    /// metadata shows a larger one, this start's registration and everything committed
+    /// before it have been applied here (the metadata is not a stale copy).
+    pub fn registrations_at_start(&self) -> u64 {
+        self.registrations_at_start
     }
 
     /// The metadata as applied on this node, updated after every applied entry.

@@ -19,6 +19,10 @@ pub struct NodeInfo {
     pub addr: String,
     /// Whether the node is considered up (registered and heartbeating).
     pub alive: bool,
+    /// How many times the node registered (once per start): a node acts on the metadata
+    /// only once its own new registration is in it, so never on a stale copy.
+    #[serde(default)]
+    pub registrations: u64,
 }
 
 /// A topic's settings, replicated with its assignment.
@@ -216,9 +220,20 @@ impl ClusterMetadata {
     }
 
     fn register_node(&mut self, id: u32, addr: &str) {
-        let node = self.nodes.entry(id).or_insert_with(|| NodeInfo { addr: String::new(), alive: false });
+        let node =
+            self.nodes.entry(id).or_insert_with(|| NodeInfo { addr: String::new(), alive: false, registrations: 0 });
         node.addr = addr.to_string();
         node.alive = true;
+        node.registrations += 1;
+        // A restarted leader starts a new leadership: its followers must check their logs
+        // against it again (its unsynced tail may be gone).
+        for topic in self.topics.values_mut() {
+            for p in &mut topic.partitions {
+                if p.leader == Some(id) {
+                    p.leader_epoch += 1;
+                }
+            }
+        }
         self.node_up_elect(id);
     }
 
@@ -470,7 +485,7 @@ mod tests {
         let p = part(&md, "t", 0);
         assert_eq!(p.leader, Some(1));
         assert_eq!(p.leader_epoch, 3);
-        assert_eq!(md.nodes[&1], NodeInfo { addr: "new".into(), alive: true });
+        assert_eq!(md.nodes[&1], NodeInfo { addr: "new".into(), alive: true, registrations: 2 });
         // NodeUp of an alive leader changes nothing.
         assert_eq!(md.apply(&Command::NodeUp { id: 1 }), CommandResult::Applied);
         assert_eq!(part(&md, "t", 0).leader_epoch, 3);
