@@ -126,6 +126,14 @@ impl Client {
         })
     }
 
+    /// Like [`Client::connect`], but every request goes to this node, also in a cluster
+    /// (no routing to partition leaders): for tools and tests that address one node.
+    pub async fn connect_unrouted(addr: impl ToSocketAddrs, client_id: &str) -> Result<Client> {
+        let client = Client::connect(addr, client_id).await?;
+        client.inner.routing.lock().await.cluster = Some(false);
+        Ok(client)
+    }
+
     /// The connection for `topic`/`partition`: its leader's in a cluster (routes learned
     /// from `Leaders` and refreshed after a `NotLeader`), else the client's own.
     async fn partition_connection(&self, topic: &str, partition: u32) -> Result<Arc<Connection>> {

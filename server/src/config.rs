@@ -120,6 +120,9 @@ pub struct ServerConfig {
     /// In a cluster: a node whose heartbeats stop this long is marked down and loses the
     /// partitions it leads.
     pub node_timeout_ms: u64,
+    /// In a cluster: how long an `acks = all` write waits for the in-sync replicas before
+    /// it is answered with a timeout.
+    pub replica_ack_timeout_ms: u64,
     /// In a cluster: the `host:port` other nodes fetch from (this node's rill listener);
     /// empty announces the bound address.
     pub advertised_listener: String,
@@ -149,6 +152,7 @@ impl Default for ServerConfig {
             peers: Vec::new(),
             replication_factor: 3,
             node_timeout_ms: 3_000,
+            replica_ack_timeout_ms: 30_000,
             advertised_listener: String::new(),
             topic_defaults: TopicDefaults::default(),
         }
@@ -195,8 +199,15 @@ impl ServerConfig {
             return bad(format!("node_id must be at most {}", rill_engine::producer::registry::NODE_ID_MAX));
         }
         if self.node_id != 0 {
-            if self.min_insync_replicas == 0 || self.replica_lag_time_max_ms == 0 || self.node_timeout_ms == 0 {
-                return bad("min_insync_replicas, replica_lag_time_max_ms and node_timeout_ms must be positive".into());
+            if self.min_insync_replicas == 0
+                || self.replica_lag_time_max_ms == 0
+                || self.node_timeout_ms == 0
+                || self.replica_ack_timeout_ms == 0
+            {
+                return bad(
+                    "min_insync_replicas, replica_lag_time_max_ms, node_timeout_ms and replica_ack_timeout_ms must be positive"
+                        .into(),
+                );
             }
             if self.replication_factor == 0 {
                 return bad("replication_factor must be positive".into());

@@ -75,6 +75,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
             node_id: config.node_id,
             min_insync_replicas: config.min_insync_replicas,
             replica_lag_time_max_ms: config.replica_lag_time_max_ms,
+            ack_timeout_ms: config.replica_ack_timeout_ms,
             ..crate::cluster::ClusterConfig::default()
         };
         crate::cluster::ReplicaManager::new(Arc::clone(&store), cluster_config)

@@ -147,7 +147,8 @@ impl Controller {
         };
         let raft_config = Arc::new(raft_config.validate().map_err(raft_err("validate config"))?);
         let listener = TcpListener::bind(config.listen).await.map_err(|e| Error::io("bind controller listener", e))?;
-        let raft = Raft::new(config.node_id, raft_config, Network, log_store, state_machine)
+        let network = Network { peers: config.peers.clone() };
+        let raft = Raft::new(config.node_id, raft_config, network, log_store, state_machine)
             .await
             .map_err(raft_err("start"))?;
         let core = Arc::new(Core {

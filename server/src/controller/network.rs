@@ -205,14 +205,21 @@ fn unexpected<E: std::error::Error>(kind: &str) -> RPCError<u32, BasicNode, E> {
     RPCError::Network(NetworkError::new(&Error::malformed(format!("a controller answered {kind} with another kind"))))
 }
 
-/// Makes a [`PeerClient`] per Raft peer for openraft.
-pub(crate) struct Network;
+/// Makes a [`PeerClient`] per Raft peer for openraft. A peer is reached at the address this
+/// node's own configuration gives it (`peers`), not the one recorded in the Raft membership
+/// by the node that initialised the group: each node may reach the others by its own path
+/// (a relay, another interface).
+pub(crate) struct Network {
+    /// This node's view of every voter's controller address.
+    pub(crate) peers: std::collections::BTreeMap<u32, std::net::SocketAddr>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u32, node: &BasicNode) -> PeerClient {
-        PeerClient::new(target, node.addr.clone())
+        let addr = self.peers.get(&target).map_or_else(|| node.addr.clone(), ToString::to_string);
+        PeerClient::new(target, addr)
     }
 }
 
