@@ -84,8 +84,10 @@ struct ClientInner {
 /// The client's view of a cluster: requests for a partition go to its leader.
 #[derive(Debug, Default)]
 struct Routing {
-    /// `None` until the first partition request asks; `Some(false)` on a single node.
+    /// `None` until a `NotLeader` answer made the client ask; `Some(false)` on a single node.
     cluster: Option<bool>,
+    /// Never route (`Client::connect_unrouted`).
+    unrouted: bool,
     leaders: std::collections::HashMap<(String, u32), SocketAddr>,
     connections: std::collections::HashMap<SocketAddr, Arc<Connection>>,
     refreshed: Option<std::time::Instant>,
@@ -130,19 +132,26 @@ impl Client {
     /// (no routing to partition leaders): for tools and tests that address one node.
     pub async fn connect_unrouted(addr: impl ToSocketAddrs, client_id: &str) -> Result<Client> {
         let client = Client::connect(addr, client_id).await?;
-        client.inner.routing.lock().await.cluster = Some(false);
+        client.inner.routing.lock().await.unrouted = true;
         Ok(client)
     }
 
-    /// The connection for `topic`/`partition`: its leader's in a cluster (routes learned
-    /// from `Leaders` and refreshed after a `NotLeader`), else the client's own.
+    /// The connection for `topic`/`partition`: its leader's in a cluster, else the client's
+    /// own. The routes are learned from `Leaders` only once a node has answered `NotLeader`
+    /// (so a single node never sees the request), and refreshed after each later one.
     async fn partition_connection(&self, topic: &str, partition: u32) -> Result<Arc<Connection>> {
         let mut routing = self.inner.routing.lock().await;
+        let never_asked = routing.cluster.is_none();
+        let quiet = !self.inner.routes_stale.load(std::sync::atomic::Ordering::Relaxed);
+        if routing.unrouted || ((never_asked || routing.cluster == Some(false)) && quiet) {
+            drop(routing);
+            return self.connection().await;
+        }
         let key = (topic.to_string(), partition);
         let stale = self.inner.routes_stale.swap(false, std::sync::atomic::Ordering::Relaxed);
         let missing = routing.cluster == Some(true) && !routing.leaders.contains_key(&key);
         let may_refresh = routing.refreshed.is_none_or(|at| at.elapsed() >= ROUTES_REFRESH_MIN);
-        if routing.cluster.is_none() || ((stale || missing) && may_refresh) {
+        if (stale || missing) && may_refresh {
             self.refresh_routes(&mut routing).await;
         }
         let Some(&addr) = routing.leaders.get(&key).filter(|_| routing.cluster == Some(true)) else {

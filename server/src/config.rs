@@ -113,7 +113,9 @@ pub struct ServerConfig {
     /// In a cluster: a follower not caught up for this long leaves the ISR.
     pub replica_lag_time_max_ms: u64,
     /// In a cluster: every controller voter as `"<node id>=<host:port>"`, this node's
-    /// included (the same list on every node); this node's controller listens on its entry.
+    /// included (the same ids on every node); this node's controller listens on its entry.
+    /// Empty with a `node_id`: no controller runs, and partition roles come from the
+    /// program that embeds the server (`ServerHandle::cluster`).
     pub peers: Vec<String>,
     /// In a cluster: replicas of each partition of a topic created without saying.
     pub replication_factor: u32,
@@ -212,7 +214,8 @@ impl ServerConfig {
             if self.replication_factor == 0 {
                 return bad("replication_factor must be positive".into());
             }
-            if !self.controller_peers()?.contains_key(&self.node_id) {
+            let peers = self.controller_peers()?;
+            if !peers.is_empty() && !peers.contains_key(&self.node_id) {
                 return bad(format!("peers must include this node ({}): its controller listens there", self.node_id));
             }
         }

@@ -82,8 +82,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
     });
     let isr_checks = cluster.as_ref().map(|c| c.spawn_isr_checks());
     let controller = match &cluster {
-        None => None,
-        Some(_) => {
+        Some(_) if !config.peers.is_empty() => {
             let peers = config.controller_peers()?;
             let listen = peers[&config.node_id];
             let advertised_addr = if config.advertised_listener.is_empty() {
@@ -101,6 +100,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
             };
             Some(Arc::new(crate::controller::Controller::start(controller_config).await?))
         }
+        _ => None,
     };
     let shared = Arc::new(Shared {
         store,

@@ -70,6 +70,19 @@ fn leaders(shared: &Shared) -> Response {
     Response::Leaders { nodes, partitions }
 }
 
+/// In a cluster, reads are served by any replica of the partition (below its high
+/// watermark); a node that holds none answers `NotLeader` so the client looks up the leader.
+fn check_replica(shared: &Shared, topic: &str, partition: u32) -> Result<()> {
+    match &shared.cluster {
+        Some(cluster) if cluster.role(topic, partition).is_none() => Err(crate::Error::Server {
+            code: crate::ErrorCode::NotLeader,
+            message: format!("this node holds no replica of {topic}-{partition}"),
+            retry_after_ms: None,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The replica manager, or the answer a single node gives to replication requests.
 fn cluster(shared: &Shared) -> Result<&Arc<crate::cluster::ReplicaManager>> {
     shared.cluster.as_ref().ok_or_else(|| crate::Error::Server {
@@ -95,6 +108,7 @@ pub async fn execute(shared: &Arc<Shared>, request: Request) -> Result<Response>
             produce::finish(shared, pending).await
         }
         Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
+            check_replica(shared, &topic, partition)?;
             fetch::fetch(shared, &topic, partition, offset, max_bytes, max_wait_ms).await
         }
         Request::ReplicaFetch { replica_id, topic, partition, leader_epoch, offset, max_bytes, max_wait_ms } => {
@@ -119,7 +133,10 @@ pub async fn execute(shared: &Arc<Shared>, request: Request) -> Result<Response>
             let (epoch, end_offset) = cluster(shared)?.epoch_end_offset(&topic, partition, epoch)?;
             Ok(Response::EpochEndOffset { epoch, end_offset })
         }
-        Request::ListOffsets { topic, partition, query } => offsets::list_offsets(shared, &topic, partition, query),
+        Request::ListOffsets { topic, partition, query } => {
+            check_replica(shared, &topic, partition)?;
+            offsets::list_offsets(shared, &topic, partition, query)
+        }
         Request::CommitOffset { group, topic, partition, offset } => {
             offsets::commit(shared, group, topic, partition, offset).await
         }
