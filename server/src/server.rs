@@ -81,6 +81,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         crate::cluster::ReplicaManager::new(Arc::clone(&store), cluster_config)
     });
     let isr_checks = cluster.as_ref().map(|c| c.spawn_isr_checks());
+    let kafka = if config.kafka_listen.is_empty() { None } else { Some(crate::kafka::bind(&config).await?) };
     let controller = match &cluster {
         Some(_) if !config.peers.is_empty() => {
             let peers = config.controller_peers()?;
@@ -97,6 +98,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
                 dir: config.data_dir.join("controller"),
                 heartbeat_timeout_ms: config.node_timeout_ms,
                 advertised_addr,
+                kafka_addr: kafka.as_ref().map(crate::kafka::KafkaBinding::advertised).unwrap_or_default(),
             };
             Some(Arc::new(crate::controller::Controller::start(controller_config).await?))
         }
@@ -122,11 +124,12 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         _ => None,
     };
     tracing::info!(%addr, ?metrics_addr, data_dir = %shared.config.data_dir.display(), "rill serving");
-    let (kafka_addr, kafka_done) = if shared.config.kafka_listen.is_empty() {
-        (None, None)
-    } else {
-        let (kafka_addr, kafka_done) = crate::kafka::start(Arc::clone(&shared)).await?;
-        (Some(kafka_addr), Some(kafka_done))
+    let (kafka_addr, kafka_done) = match kafka {
+        None => (None, None),
+        Some(binding) => {
+            let (kafka_addr, kafka_done) = crate::kafka::start(Arc::clone(&shared), binding);
+            (Some(kafka_addr), Some(kafka_done))
+        }
     };
     tokio::spawn(close_idle_cursors(Arc::clone(&shared), stop_rx.clone()));
     let done = tokio::spawn(async move {

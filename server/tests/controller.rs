@@ -32,6 +32,7 @@ fn config(id: u32, peers: &BTreeMap<u32, SocketAddr>, root: &Path) -> Controller
         dir: root.join(format!("node-{id}")),
         heartbeat_timeout_ms: HEARTBEAT_TIMEOUT_MS,
         advertised_addr: String::new(),
+        kafka_addr: String::new(),
     }
 }
 

@@ -540,3 +540,77 @@ async fn forged_array_lengths_are_refused() {
     assert_eq!(client.call(&ApiVersionsRequest::default(), 3).await.error_code, 0, "still serving");
     server.shutdown().await.expect("shutdown");
 }
+
+/// Three nodes in a cluster (in process, controllers on loopback), each with a Kafka
+/// listener: Kafka's Metadata from any node lists every broker and names the partition's
+/// leader; a produce with acks=-1 to the leader is acknowledged, one to another broker is
+/// answered NOT_LEADER_OR_FOLLOWER, as Kafka clients expect when they follow metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_metadata_names_every_broker_and_the_leader() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let ports: Vec<u16> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port())
+        .collect();
+    let peers: Vec<String> = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect();
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let config =
+            ServerConfig { node_id: i as u32 + 1, peers: peers.clone(), node_timeout_ms: 1_500, ..config(dir.path()) };
+        nodes.push(rill_server::server::start(config).await.expect("start node"));
+    }
+    let kafka: Vec<SocketAddr> = nodes.iter().map(|n| n.kafka_addr.expect("Kafka listener")).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut client = KafkaClient::connect(kafka[1]).await;
+    loop {
+        let mut creatable = CreatableTopic::default();
+        creatable.name = name("clustered");
+        creatable.num_partitions = 1;
+        creatable.replication_factor = 3;
+        let mut request = CreateTopicsRequest::default();
+        request.topics = vec![creatable];
+        request.timeout_ms = 5_000;
+        if client.call(&request, 5).await.topics[0].error_code == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cluster takes the topic");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // the controller is forming
+    }
+    let (leader, brokers) = loop {
+        let mut request = MetadataRequest::default();
+        let mut topic = MetadataRequestTopic::default();
+        topic.name = Some(name("clustered"));
+        request.topics = Some(vec![topic]);
+        let response = client.call(&request, 9).await;
+        let partition =
+            response.topics[0].partitions.first().map(|p| (p.leader_id.0, p.leader_epoch, p.isr_nodes.len()));
+        if let (3, Some((leader, epoch, 3))) = (response.brokers.len(), partition) {
+            assert!(epoch >= 1, "leader epochs are reported");
+            let brokers: Vec<(i32, i32)> = response.brokers.iter().map(|b| (b.node_id.0, b.port)).collect();
+            break (leader, brokers);
+        }
+        assert!(std::time::Instant::now() < deadline, "metadata names three brokers and a leader: {response:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // roles are being applied
+    };
+    let port_of = |id: i32| brokers.iter().find(|(b, _)| *b == id).map(|(_, port)| *port).expect("broker listed");
+    for (i, addr) in kafka.iter().enumerate() {
+        assert_eq!(i32::from(addr.port()), port_of(i as i32 + 1), "broker {} is announced at its listener", i + 1);
+    }
+    let leader_addr = kafka[leader as usize - 1];
+    let follower_addr = kafka[if leader == 1 { 1 } else { 0 }];
+    let mut to_leader = KafkaClient::connect(leader_addr).await;
+    let records = batch((-1, -1), -1, 3, "clustered", Compression::None);
+    let (code, offset) = loop {
+        let answer = produced(&to_leader.call(&produce_request("clustered", 0, records.clone()), 9).await);
+        if answer.0 == 0 || std::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // followers are joining the ISR
+    };
+    assert_eq!((code, offset), (0, 0), "the leader acknowledges acks=-1");
+    let mut to_follower = KafkaClient::connect(follower_addr).await;
+    let (code, _) = produced(&to_follower.call(&produce_request("clustered", 0, records), 9).await);
+    assert_eq!(code, 6, "NOT_LEADER_OR_FOLLOWER from a follower");
+    for node in nodes {
+        node.shutdown().await.expect("clean shutdown");
+    }
+}

@@ -414,7 +414,8 @@ async fn traffic(
     groups: usize,
     outcome: &mut Outcome,
 ) -> Result<()> {
-    let settings = SendSettings { linger_ms: args.linger_ms, batch_bytes: args.batch_kib * 1024, acks: args.acks.into() };
+    let settings =
+        SendSettings { linger_ms: args.linger_ms, batch_bytes: args.batch_kib * 1024, acks: args.acks.into() };
     let mut consumers = Vec::new();
     for group in 0..groups {
         for p in 0..args.partitions {
@@ -625,7 +626,8 @@ async fn produce(
 /// Fills a log with `--replay-mib` MiB of payload (closed loop, the run's durability), then
 /// times one consumer per partition reading it all from the start.
 async fn replay(driver: &Driver, stream: &str, args: &LoadArgs, outcome: &mut Outcome) -> Result<()> {
-    let settings = SendSettings { linger_ms: args.linger_ms, batch_bytes: args.batch_kib * 1024, acks: args.acks.into() };
+    let settings =
+        SendSettings { linger_ms: args.linger_ms, batch_bytes: args.batch_kib * 1024, acks: args.acks.into() };
     let total = (args.replay_mib << 20) / args.message_size as u64;
     let per_producer = total.div_ceil(args.producers as u64);
     let fill_start = Instant::now();

@@ -11,7 +11,7 @@ pub mod priority;
 pub mod produce;
 mod topics;
 
-pub(crate) use topics::topic_config;
+pub(crate) use topics::{create_with as create_topic_with, delete as delete_topic, topic_config};
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

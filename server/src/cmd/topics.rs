@@ -41,13 +41,24 @@ pub fn metadata(shared: &Shared, names: &[String]) -> Result<Response> {
 /// replica creates it locally when the metadata reaches it.
 pub async fn create(shared: &Arc<Shared>, name: String, settings: TopicSettings) -> Result<Response> {
     let config = topic_config(shared, &settings)?;
+    create_with(shared, name, config, None).await
+}
+
+/// Creates a topic with `config`: in the store, or in a cluster through the controller with
+/// `replication_factor` replicas per partition (`None`: the server's `replication_factor`).
+pub async fn create_with(
+    shared: &Arc<Shared>,
+    name: String,
+    config: TopicConfig,
+    replication_factor: Option<u32>,
+) -> Result<Response> {
     if let Some(controller) = &shared.controller {
         rill_engine::log::store::validate_topic_name(&name)?;
         config.validate()?;
         let cmd = crate::controller::Command::CreateTopic {
             name,
             partitions: config.partitions,
-            replication_factor: shared.config.replication_factor,
+            replication_factor: replication_factor.unwrap_or(shared.config.replication_factor),
             config: crate::controller::TopicSettings {
                 fsync: crate::cluster::link::fsync_name(config.fsync),
                 segment_size_bytes: config.segment_size_bytes,

@@ -78,6 +78,8 @@ pub struct ControllerConfig {
     /// The address this node registers in the metadata (its rill protocol address, which
     /// followers fetch from); empty registers the controller address.
     pub advertised_addr: String,
+    /// The Kafka-protocol address this node registers (`host:port`); empty without one.
+    pub kafka_addr: String,
 }
 
 /// When the Raft leader last heard from each node.
@@ -169,6 +171,7 @@ impl Controller {
             tokio::spawn(register_and_heartbeat(
                 Arc::clone(&core),
                 if config.advertised_addr.is_empty() { own_addr.to_string() } else { config.advertised_addr.clone() },
+                config.kafka_addr.clone(),
             )),
         ];
         Ok(Controller {
@@ -401,9 +404,9 @@ async fn serve_connection(mut stream: TcpStream, core: Arc<Core>) {
 }
 
 /// This node's registration, then its heartbeat every [`CONTROLLER_HEARTBEAT_INTERVAL_MS`].
-async fn register_and_heartbeat(core: Arc<Core>, addr: String) {
+async fn register_and_heartbeat(core: Arc<Core>, addr: String, kafka_addr: String) {
     loop {
-        let cmd = Command::RegisterNode { id: core.node_id, addr: addr.clone() };
+        let cmd = Command::RegisterNode { id: core.node_id, addr: addr.clone(), kafka_addr: kafka_addr.clone() };
         match core.propose(cmd).await {
             Ok(CommandResult::Applied) => break,
             Ok(CommandResult::Rejected(r)) => {

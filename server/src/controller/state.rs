@@ -23,6 +23,10 @@ pub struct NodeInfo {
     /// only once its own new registration is in it, so never on a stale copy.
     #[serde(default)]
     pub registrations: u64,
+    /// The node's Kafka-protocol listener (`host:port`) as Kafka clients should reach it;
+    /// empty without one.
+    #[serde(default)]
+    pub kafka_addr: String,
 }
 
 /// A topic's settings, replicated with its assignment.
@@ -78,6 +82,9 @@ pub enum Command {
         id: u32,
         /// Its address.
         addr: String,
+        /// Its Kafka-protocol listener (`host:port`), empty without one.
+        #[serde(default)]
+        kafka_addr: String,
     },
     /// Proposed by the Raft leader when a node's heartbeats stop.
     NodeDown {
@@ -194,8 +201,8 @@ impl ClusterMetadata {
     /// command give the same result on every node.
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
         let outcome = match cmd {
-            Command::RegisterNode { id, addr } => {
-                self.register_node(*id, addr);
+            Command::RegisterNode { id, addr, kafka_addr } => {
+                self.register_node(*id, addr, kafka_addr);
                 Ok(())
             }
             Command::NodeDown { id } => self.node_down(*id),
@@ -219,10 +226,15 @@ impl ClusterMetadata {
         }
     }
 
-    fn register_node(&mut self, id: u32, addr: &str) {
-        let node =
-            self.nodes.entry(id).or_insert_with(|| NodeInfo { addr: String::new(), alive: false, registrations: 0 });
+    fn register_node(&mut self, id: u32, addr: &str, kafka_addr: &str) {
+        let node = self.nodes.entry(id).or_insert_with(|| NodeInfo {
+            addr: String::new(),
+            alive: false,
+            registrations: 0,
+            kafka_addr: String::new(),
+        });
         node.addr = addr.to_string();
+        node.kafka_addr = kafka_addr.to_string();
         node.alive = true;
         node.registrations += 1;
         // A restarted leader starts a new leadership: its followers must check their logs
@@ -385,7 +397,10 @@ mod tests {
     fn cluster(nodes: &[u32]) -> ClusterMetadata {
         let mut md = ClusterMetadata::default();
         for &id in nodes {
-            assert_eq!(md.apply(&Command::RegisterNode { id, addr: format!("n{id}") }), CommandResult::Applied);
+            assert_eq!(
+                md.apply(&Command::RegisterNode { id, addr: format!("n{id}"), kafka_addr: String::new() }),
+                CommandResult::Applied
+            );
         }
         md
     }
@@ -481,11 +496,17 @@ mod tests {
         assert_eq!(md.apply(&Command::NodeDown { id: 2 }), CommandResult::Applied);
         assert_eq!(md.apply(&Command::NodeUp { id: 2 }), CommandResult::Applied);
         assert_eq!(part(&md, "t", 0).leader, None);
-        assert_eq!(md.apply(&Command::RegisterNode { id: 1, addr: "new".into() }), CommandResult::Applied);
+        assert_eq!(
+            md.apply(&Command::RegisterNode { id: 1, addr: "new".into(), kafka_addr: String::new() }),
+            CommandResult::Applied
+        );
         let p = part(&md, "t", 0);
         assert_eq!(p.leader, Some(1));
         assert_eq!(p.leader_epoch, 3);
-        assert_eq!(md.nodes[&1], NodeInfo { addr: "new".into(), alive: true, registrations: 2 });
+        assert_eq!(
+            md.nodes[&1],
+            NodeInfo { addr: "new".into(), alive: true, registrations: 2, kafka_addr: String::new() }
+        );
         // NodeUp of an alive leader changes nothing.
         assert_eq!(md.apply(&Command::NodeUp { id: 1 }), CommandResult::Applied);
         assert_eq!(part(&md, "t", 0).leader_epoch, 3);

@@ -199,7 +199,7 @@ mod tests {
         let mut sm = StateMachine::open(dir.path()).expect("opens");
         let mut rx = sm.subscribe();
         let log_id = LogId::new(CommittedLeaderId::new(1, 1), 1);
-        let cmd = Command::RegisterNode { id: 1, addr: "a".into() };
+        let cmd = Command::RegisterNode { id: 1, addr: "a".into(), kafka_addr: String::new() };
         let entry = Entry { log_id, payload: EntryPayload::Normal(cmd) };
         let results = sm.apply(vec![entry]).await.expect("applies");
         assert_eq!(results, vec![CommandResult::Applied]);

@@ -43,6 +43,7 @@ mod code {
     pub const OFFSET_OUT_OF_RANGE: i16 = 1;
     pub const CORRUPT_MESSAGE: i16 = 2;
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    pub const LEADER_NOT_AVAILABLE: i16 = 5;
     pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
     pub const REQUEST_TIMED_OUT: i16 = 7;
     pub const NOT_ENOUGH_REPLICAS: i16 = 19;
@@ -469,7 +470,77 @@ fn fetch_once(
 // ---------------------------------------------------------------------------------------
 // Metadata, topics, offsets
 
+/// This node's broker id: its cluster node id, or 0 on a single node.
+fn broker_id(context: &KafkaContext) -> i32 {
+    match &context.shared.controller {
+        Some(_) => i32::try_from(context.shared.config.node_id).unwrap_or(i32::MAX),
+        None => NODE_ID,
+    }
+}
+
+/// Metadata in a cluster: every node that registered a Kafka listener is a broker, and each
+/// partition's leader, replicas and ISR are the controller's.
+fn cluster_metadata(
+    context: &KafkaContext,
+    controller: &crate::controller::Controller,
+    request: MetadataRequest,
+    version: i16,
+) -> MetadataResponse {
+    let metadata = controller.metadata().borrow().clone();
+    let mut response = MetadataResponse::default();
+    for (id, node) in &metadata.nodes {
+        let Some((host, port)) = node.kafka_addr.rsplit_once(':') else { continue };
+        let Ok(port) = port.parse::<i32>() else { continue };
+        let mut broker = MetadataResponseBroker::default();
+        broker.node_id = BrokerId(i32::try_from(*id).unwrap_or(i32::MAX));
+        broker.host = str_bytes(host);
+        broker.port = port;
+        response.brokers.push(broker);
+    }
+    if version >= 2 {
+        response.cluster_id = Some(str_bytes("rill"));
+    }
+    let raft_leader = controller.raft_leader().and_then(|id| i32::try_from(id).ok());
+    response.controller_id = BrokerId(raft_leader.unwrap_or_else(|| broker_id(context)));
+    let names: Vec<String> = match request.topics {
+        None => metadata.topics.keys().cloned().collect(),
+        Some(topics) => topics.into_iter().filter_map(|t| t.name.map(|n| n.0.to_string())).collect(),
+    };
+    let broker = |id: u32| BrokerId(i32::try_from(id).unwrap_or(i32::MAX));
+    for name in names {
+        let mut out = MetadataResponseTopic::default();
+        out.name = Some(topic_name(&name));
+        match metadata.topics.get(&name) {
+            None => out.error_code = code::UNKNOWN_TOPIC_OR_PARTITION,
+            Some(topic) => {
+                for (index, p) in topic.partitions.iter().enumerate() {
+                    let mut part = MetadataResponsePartition::default();
+                    part.partition_index = i32::try_from(index).unwrap_or(i32::MAX);
+                    match p.leader {
+                        Some(leader) => part.leader_id = broker(leader),
+                        None => {
+                            part.leader_id = BrokerId(-1);
+                            part.error_code = code::LEADER_NOT_AVAILABLE;
+                        }
+                    }
+                    if version >= 7 {
+                        part.leader_epoch = i32::try_from(p.leader_epoch).unwrap_or(i32::MAX);
+                    }
+                    part.replica_nodes = p.replicas.iter().map(|&r| broker(r)).collect();
+                    part.isr_nodes = p.isr.iter().map(|&r| broker(r)).collect();
+                    out.partitions.push(part);
+                }
+            }
+        }
+        response.topics.push(out);
+    }
+    response
+}
+
 async fn metadata(context: &Arc<KafkaContext>, request: MetadataRequest, version: i16) -> MetadataResponse {
+    if let Some(controller) = &context.shared.controller {
+        return cluster_metadata(context, controller, request, version);
+    }
     let store = &context.shared.store;
     let mut response = MetadataResponse::default();
     let mut broker = MetadataResponseBroker::default();
@@ -617,7 +688,7 @@ fn creatable_config(
     replication_factor: i16,
     configs: &[(String, Option<String>)],
 ) -> Result<TopicConfig, (i16, String)> {
-    if replication_factor > 1 {
+    if replication_factor > 1 && context.shared.controller.is_none() {
         return Err((
             code::INVALID_REPLICATION_FACTOR,
             format!("replication factor {replication_factor}: this is a single-node cluster"),
@@ -672,10 +743,11 @@ async fn create_topics(context: &KafkaContext, request: CreateTopicsRequest, ver
                             Err(_) => Ok(partitions),
                         })
                 } else {
-                    let store = Arc::clone(&context.shared.store);
+                    // In a cluster the controller assigns the replicas (-1: the server's default).
+                    let replicas = u32::try_from(topic.replication_factor).ok().filter(|&r| r > 0);
                     let name = topic.name.0.to_string();
-                    match blocking(move || Ok(store.create_topic(&name, config).map(drop)?)).await {
-                        Ok(()) => Ok(partitions),
+                    match crate::cmd::create_topic_with(&context.shared, name, config, replicas).await {
+                        Ok(_) => Ok(partitions),
                         Err(e) => Err((kafka_code(&e), e.to_string())),
                     }
                 }
@@ -703,9 +775,7 @@ async fn delete_topics(context: &KafkaContext, request: DeleteTopicsRequest, ver
     let mut response = DeleteTopicsResponse::default();
     for name in request.topic_names {
         let mut out = DeletableTopicResult::default();
-        let store = Arc::clone(&context.shared.store);
-        let delete = name.0.to_string();
-        if let Err(e) = blocking(move || Ok(store.delete_topic(&delete)?)).await {
+        if let Err(e) = crate::cmd::delete_topic(&context.shared, name.0.to_string()).await {
             out.error_code = kafka_code(&e);
             if version >= 5 {
                 out.error_message = Some(str_bytes(&e.to_string()));
@@ -731,7 +801,7 @@ fn find_coordinator(context: &KafkaContext, request: FindCoordinatorRequest, ver
         response.port = -1;
         return response;
     }
-    response.node_id = BrokerId(NODE_ID);
+    response.node_id = BrokerId(broker_id(context));
     response.host = str_bytes(&context.host);
     response.port = context.port;
     response

@@ -77,27 +77,50 @@ pub struct KafkaContext {
 
 /// Binds the Kafka listener and serves it until shutdown; the returned task ends once
 /// every Kafka connection has finished (or the shutdown timeout passed).
-pub async fn start(shared: Arc<Shared>) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let listener =
-        TcpListener::bind(&shared.config.kafka_listen).await.map_err(|e| Error::io("bind Kafka listener", e))?;
+/// The Kafka listener, bound, with the address it announces.
+#[derive(Debug)]
+pub struct KafkaBinding {
+    listener: TcpListener,
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The announced host.
+    pub host: String,
+    /// The announced port.
+    pub port: u16,
+}
+
+impl KafkaBinding {
+    /// `host:port` as Kafka clients are told to reach this listener.
+    pub fn advertised(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Binds `kafka_listen` and works out the announced address (`kafka_advertised_listener`,
+/// or the bound address, 127.0.0.1 when bound to all interfaces).
+pub async fn bind(config: &crate::config::ServerConfig) -> Result<KafkaBinding> {
+    let listener = TcpListener::bind(&config.kafka_listen).await.map_err(|e| Error::io("bind Kafka listener", e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("Kafka listener address", e))?;
-    let (host, port) = match shared.config.kafka_advertised_listener.rsplit_once(':') {
+    let (host, port) = match config.kafka_advertised_listener.rsplit_once(':') {
         Some((host, port)) => (
             host.to_string(),
             port.parse::<u16>().map_err(|_| Error::Config {
-                reason: format!(
-                    "kafka_advertised_listener {:?} has no valid port",
-                    shared.config.kafka_advertised_listener
-                ),
+                reason: format!("kafka_advertised_listener {:?} has no valid port", config.kafka_advertised_listener),
             })?,
         ),
         None if addr.ip().is_unspecified() => ("127.0.0.1".to_string(), addr.port()),
         None => (addr.ip().to_string(), addr.port()),
     };
+    Ok(KafkaBinding { listener, addr, host, port })
+}
+
+/// Serves Kafka clients on `binding` until shutdown.
+pub fn start(shared: Arc<Shared>, binding: KafkaBinding) -> (SocketAddr, JoinHandle<()>) {
+    let KafkaBinding { listener, addr, host, port } = binding;
     let context =
         Arc::new(KafkaContext { groups: Arc::new(group::KafkaGroups::new()), shared, host, port: i32::from(port) });
     tracing::info!(%addr, advertised = %format!("{}:{}", context.host, context.port), "Kafka listener serving");
-    Ok((addr, tokio::spawn(accept_loop(listener, context))))
+    (addr, tokio::spawn(accept_loop(listener, context)))
 }
 
 async fn accept_loop(listener: TcpListener, context: Arc<KafkaContext>) {
