@@ -2,9 +2,9 @@
 //! openraft controller assigns partitions, elects leaders, tracks the ISR). An idempotent
 //! producer writes with `acks = all` while a consumer reads below the high watermark; the
 //! test SIGKILLs the partition's leader (as the nodes' `Leaders` answers with the newest
-//! epoch name it), waits until the cluster has failed over (writes
-//! are acknowledged again), and restarts it, for `RILL_CLUSTER_KILL9_ROUNDS` rounds
-//! (default 10) at seeded random moments.
+//! epoch name it) in even rounds and a follower in odd ones, waits until writes are
+//! acknowledged again, and restarts it, for `RILL_CLUSTER_KILL9_ROUNDS` rounds
+//! (default 20) at seeded random moments.
 //!
 //! Checked at the end, on the leader's log: every acknowledged record is present exactly
 //! once at its acknowledged offset, records are in the producer's order, and every record a
@@ -303,7 +303,8 @@ async fn clients_follow_partition_leaders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_sigkill_under_acks_all_loses_nothing() {
-    let rounds = env_count("RILL_CLUSTER_KILL9_ROUNDS", 10);
+    // 20 rounds: 10 leader kills and 10 follower kills.
+    let rounds = env_count("RILL_CLUSTER_KILL9_ROUNDS", 20);
     let seed = Rng::seed_from_env("RILL_CLUSTER_KILL9_SEED");
     let mut rng = Rng::new(seed);
     let root = tempfile::tempdir().expect("tempdir");
@@ -344,12 +345,16 @@ async fn leader_sigkill_under_acks_all_loses_nothing() {
         let before = sent.load(Ordering::Relaxed);
         let wanted = before + 20 + rng.below(200);
         wait_for("writes before the kill", || sent.load(Ordering::Relaxed) >= wanted).await;
-        let victim = current_leader(&addrs).await;
+        // Even rounds kill the leader, odd rounds a follower.
+        let leader = current_leader(&addrs).await;
+        let victim = if round % 2 == 0 { leader } else { (leader + 1 + rng.below(2) as usize) % NODES };
         nodes[victim].process.as_mut().expect("running").kill();
         let killed_at = sent.load(Ordering::Relaxed);
-        // The cluster fails over: writes are acknowledged again by another node.
-        wait_for("writes after the failover", || sent.load(Ordering::Relaxed) >= killed_at + 10).await;
-        eprintln!("round {round}: killed node {} after {killed_at} records", victim + 1);
+        // The cluster fails over (or drops the follower from the ISR): writes are
+        // acknowledged again.
+        wait_for("writes after the kill", || sent.load(Ordering::Relaxed) >= killed_at + 10).await;
+        let role = if victim == leader { "leader" } else { "follower" };
+        eprintln!("round {round}: killed node {} ({role}) after {killed_at} records", victim + 1);
         nodes[victim].start(&peers);
     }
     let total = sent.load(Ordering::Relaxed) + 50;
@@ -385,8 +390,9 @@ async fn leader_sigkill_under_acks_all_loses_nothing() {
     let ledger = ledger.lock();
     let truncated_reads = ledger.consumed.iter().filter(|(o, v)| by_offset.get(*o) != Some(*v)).count();
     println!(
-        "campaign: scenario=cluster-sigkill-leader rounds={rounds} acked={} lost={lost} duplicated={duplicated} \
+        "campaign: scenario=cluster-sigkill rounds={rounds} leader_kills={} acked={} lost={lost} duplicated={duplicated} \
          consumed={} truncated_reads={truncated_reads} changed_reads={} seed={seed}",
+        rounds.div_ceil(2),
         acked.len(),
         ledger.consumed.len(),
         ledger.changed.len()
