@@ -137,6 +137,10 @@ step inspect-bit-flips test_step rill-server inspect_bit_flips
 # failing over under acks=all
 step replication-sim test_step rill-engine replication
 step replication-server test_step rill-server replication
+# (a) SIGKILL of the leader or a follower of three rill processes under acks=all load
+# (RILL_CLUSTER_KILL9_ROUNDS, replay RILL_CLUSTER_KILL9_SEED); a network partition
+step cluster-sigkill test_step rill-server cluster_kill9
+step cluster-partition test_step rill-server cluster_partition
 # The long fuzz campaign (each target to FUZZ_CAMPAIGN_RUNS executions), only when asked
 if [ -n "${FUZZ_CAMPAIGN_RUNS:-}" ]; then
     step fuzz-campaign bash fuzz/run.sh campaign "$FUZZ_CAMPAIGN_RUNS"
