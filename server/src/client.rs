@@ -297,17 +297,7 @@ impl Client {
         &self,
         fetch: crate::cluster::ReplicaFetchRequest,
     ) -> Result<crate::cluster::ReplicaData> {
-        let crate::cluster::ReplicaFetchRequest {
-            replica_id,
-            topic,
-            partition,
-            leader_epoch,
-            offset,
-            max_bytes,
-            max_wait_ms,
-        } = fetch;
-        let request =
-            Request::ReplicaFetch { replica_id, topic, partition, leader_epoch, offset, max_bytes, max_wait_ms };
+        let request = Request::from(fetch);
         match self.call(request).await? {
             Response::ReplicaFetch { high_watermark, log_end, records } => {
                 Ok(crate::cluster::ReplicaData { high_watermark, log_end, records })

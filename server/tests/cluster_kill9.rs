@@ -149,28 +149,6 @@ async fn consume(addrs: Vec<SocketAddr>, ledger: Arc<Mutex<Ledger>>, stop: Arc<A
     }
 }
 
-/// The whole log below the high watermark of the node at `addr`.
-async fn read_all(addr: SocketAddr) -> Result<Vec<(u64, String)>, Error> {
-    let client = Client::connect(addr, "cluster-check").await?;
-    let mut out = Vec::new();
-    let mut next = 0;
-    loop {
-        let fetched = client.fetch(TOPIC, 0, next, 1 << 20, 0).await?;
-        let before = out.len();
-        for b in BatchIter::new(fetched.records) {
-            for r in b.expect("batch").records().expect("records") {
-                if r.offset >= next {
-                    out.push((r.offset, String::from_utf8(r.value.expect("value").to_vec()).expect("utf-8")));
-                    next = r.offset + 1;
-                }
-            }
-        }
-        if out.len() == before {
-            return Ok(out);
-        }
-    }
-}
-
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
@@ -368,7 +346,13 @@ async fn leader_sigkill_under_acks_all_loses_nothing() {
     let acked = ledger.lock().acked.clone();
     let last_acked = *acked.keys().next_back().expect("records were acknowledged");
     let log = loop {
-        let log = read_all(leader).await.expect("read the leader's log");
+        let client = Client::connect(leader, "cluster-check").await.expect("connect");
+        let log: Vec<(u64, String)> = common::load::read_topic(&client, TOPIC)
+            .await
+            .expect("read the leader's log")
+            .into_iter()
+            .map(|((_, offset), value)| (offset, value))
+            .collect();
         if log.last().is_some_and(|(o, _)| *o >= last_acked) {
             break log;
         }

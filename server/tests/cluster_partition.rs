@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::cut::CutRelay;
 use common::{free_port, ServerProcess};
-use rill_engine::format::batch::{BatchBuilder, BatchIter};
+use rill_engine::format::batch::BatchBuilder;
 use rill_engine::{Compression, FsyncPolicy, Record};
 use rill_server::client::Client;
 use rill_server::messages::{Acks, TopicSettings};
@@ -34,23 +34,8 @@ fn batch(value: &str) -> Bytes {
 /// Every record below the high watermark of the node at `addr` (asked directly).
 async fn read_node(addr: SocketAddr) -> Vec<(u64, String)> {
     let client = Client::connect_unrouted(addr, "check").await.expect("connect");
-    let mut out = Vec::new();
-    let mut next = 0;
-    loop {
-        let fetched = client.fetch(TOPIC, 0, next, 1 << 20, 0).await.expect("fetch");
-        let before = out.len();
-        for b in BatchIter::new(fetched.records) {
-            for r in b.expect("batch").records().expect("records") {
-                if r.offset >= next {
-                    out.push((r.offset, String::from_utf8(r.value.expect("value").to_vec()).expect("utf-8")));
-                    next = r.offset + 1;
-                }
-            }
-        }
-        if out.len() == before {
-            return out;
-        }
-    }
+    let records = common::load::read_topic(&client, TOPIC).await.expect("read");
+    records.into_iter().map(|((_, offset), value)| (offset, value)).collect()
 }
 
 /// Writes `value` with acks=all through a routed client on `addr`, retrying until acknowledged.

@@ -291,6 +291,20 @@ impl Partition {
         self.poisoned.store(true, Ordering::Release);
     }
 
+    /// Takes the appender lock for a write that `role` may make: the partition must be open,
+    /// writable and in that role.
+    fn lock_for(&self, role: Role) -> Result<parking_lot::MutexGuard<'_, Appender>> {
+        let appender = self.appender.lock();
+        if appender.closed {
+            return Err(Error::Closed);
+        }
+        self.check_writable()?;
+        if appender.role != role {
+            return Err(Error::NotLeader { partition: self.name(), role: appender.role.name() });
+        }
+        Ok(appender)
+    }
+
     /// Encodes `records` into one batch and appends it.
     pub fn append_records(&self, records: &[Record], compression: Compression) -> Result<AppendHandle> {
         self.append_records_from(None, records, compression)
@@ -357,14 +371,7 @@ impl Partition {
     fn append_checked(&self, mut batch: BytesMut, header: BatchHeader) -> Result<AppendHandle> {
         self.check_batch_size(batch.len())?;
         self.check_writable()?;
-        let mut appender = self.appender.lock();
-        if appender.closed {
-            return Err(Error::Closed);
-        }
-        self.check_writable()?;
-        if appender.role != Role::Leader {
-            return Err(Error::NotLeader { partition: self.name(), role: appender.role.name() });
-        }
+        let mut appender = self.lock_for(Role::Leader)?;
         let producer = match header.producer {
             None => None,
             Some(fields) => match self.check_producer(&mut appender, &fields, header.record_count)? {
@@ -736,14 +743,7 @@ impl Partition {
     /// follow the batches. Returns the handle of the last batch (`None` for no bytes).
     pub fn append_replica(&self, batches: Bytes) -> Result<Option<AppendHandle>> {
         self.check_writable()?;
-        let mut appender = self.appender.lock();
-        if appender.closed {
-            return Err(Error::Closed);
-        }
-        self.check_writable()?;
-        if appender.role != Role::Follower {
-            return Err(Error::NotLeader { partition: self.name(), role: appender.role.name() });
-        }
+        let mut appender = self.lock_for(Role::Follower)?;
         let total = batches.len();
         let mut consumed = 0;
         let mut last = None;
@@ -784,14 +784,7 @@ impl Partition {
     /// maps of the old file); the active one is cut in place. The log is then reopened from
     /// disk, as recovery would, which also rebuilds producer state.
     pub fn truncate_to(&self, offset: u64) -> Result<u64> {
-        let mut appender = self.appender.lock();
-        if appender.closed {
-            return Err(Error::Closed);
-        }
-        self.check_writable()?;
-        if appender.role != Role::Follower {
-            return Err(Error::NotLeader { partition: self.name(), role: appender.role.name() });
-        }
+        let mut appender = self.lock_for(Role::Follower)?;
         if offset >= appender.next_offset {
             // Nothing to cut from the log, but epochs that begin at its end wrote nothing
             // here (this replica led them without appending): forget them, or the leader's

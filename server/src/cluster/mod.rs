@@ -110,6 +110,20 @@ pub struct ReplicaFetchRequest {
     pub max_wait_ms: u32,
 }
 
+impl From<ReplicaFetchRequest> for crate::messages::Request {
+    fn from(r: ReplicaFetchRequest) -> Self {
+        crate::messages::Request::ReplicaFetch {
+            replica_id: r.replica_id,
+            topic: r.topic,
+            partition: r.partition,
+            leader_epoch: r.leader_epoch,
+            offset: r.offset,
+            max_bytes: r.max_bytes,
+            max_wait_ms: r.max_wait_ms,
+        }
+    }
+}
+
 /// A led partition, as the ISR check sees it.
 type Led = (String, u32, Arc<Partition>, Arc<Mutex<LeaderState>>, u32);
 
