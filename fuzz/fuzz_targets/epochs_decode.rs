@@ -11,7 +11,7 @@ use rill_fuzz::with_fixed_crc;
 fn check(data: &[u8]) {
     if let Ok(cache) = decode(data) {
         assert_eq!(encode(&cache), data, "checkpoint does not round-trip");
-        let log_end = cache.latest().map_or(0, |e| e.start_offset) + 1;
+        let log_end = cache.latest().map_or(0, |e| e.start_offset).saturating_add(1);
         let mut previous = (0, 0);
         for entry in cache.entries() {
             let answer = cache.end_offset_for(entry.epoch, log_end);
