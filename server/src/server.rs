@@ -132,16 +132,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle> {
         }
     };
     tokio::spawn(close_idle_cursors(Arc::clone(&shared), stop_rx.clone()));
-    let done = tokio::spawn(async move {
-        let result = accept_loop(listener, shared, stop_rx, kafka_done, controller).await;
-        if let Some(task) = isr_checks {
-            task.abort();
-        }
-        if let Some(task) = link {
-            task.abort();
-        }
-        result
-    });
+    let cluster_tasks: Vec<tokio::task::JoinHandle<()>> = isr_checks.into_iter().chain(link).collect();
+    let done = tokio::spawn(accept_loop(listener, shared, stop_rx, kafka_done, controller, cluster_tasks));
     Ok(ServerHandle { addr, metrics_addr, kafka_addr, cluster, stop, done })
 }
 
@@ -171,6 +163,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     kafka_done: Option<tokio::task::JoinHandle<()>>,
     controller: Option<Arc<crate::controller::Controller>>,
+    cluster_tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<()> {
     let mut connections = JoinSet::new();
     loop {
@@ -206,8 +199,16 @@ async fn accept_loop(
         // The Kafka listener drains its own connections (same timeout) before the store closes.
         drop(kafka.await);
     }
+    // The replication tasks hold the store: they end before it closes, so the directory is
+    // free once shutdown returns.
+    for task in &cluster_tasks {
+        task.abort();
+    }
+    for task in cluster_tasks {
+        let _ended = task.await;
+    }
     if let Some(cluster) = &shared.cluster {
-        cluster.stop();
+        cluster.stop().await;
     }
     if let Some(controller) = controller {
         controller.shutdown().await;

@@ -218,7 +218,18 @@ fn read_logs(cluster: &Cluster) -> Vec<Log> {
         .iter()
         .map(|node| {
             let config = StoreConfig { retention_check_interval_ms: None, node_id: node.id, ..StoreConfig::default() };
-            let store = Store::open(node.dir.path(), config).expect("open store");
+            // A stopped node's store is free once its shutdown returned; wait for that
+            // bounded, in case a task of the test still held a reference a moment longer.
+            let started = Instant::now();
+            let store = loop {
+                match Store::open(node.dir.path(), config.clone()) {
+                    Ok(store) => break store,
+                    Err(rill_engine::Error::Locked { .. }) if started.elapsed() < DEADLINE => {
+                        std::thread::sleep(Duration::from_millis(10)); // polling the lock
+                    }
+                    Err(e) => panic!("open store: {e}"),
+                }
+            };
             let p = store.partition(TOPIC, 0).expect("partition");
             let bytes = p.read_replica(0, 1 << 30).expect("read");
             let mut records = Vec::new();

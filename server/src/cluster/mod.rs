@@ -444,8 +444,17 @@ impl ReplicaManager {
         self.entries.lock().retain(|(t, _), _| t != topic);
     }
 
-    /// Stops every fetcher (shutdown).
-    pub fn stop(&self) {
-        self.entries.lock().clear();
+    /// Stops every fetcher and waits until each has ended (shutdown: afterwards no task of
+    /// this manager touches the store).
+    pub async fn stop(&self) {
+        let entries: Vec<Entry> = self.entries.lock().drain().map(|(_, entry)| entry).collect();
+        let fetchers: Vec<_> = entries.into_iter().filter_map(|mut entry| entry.fetcher.take()).collect();
+        for task in &fetchers {
+            task.abort();
+        }
+        for task in fetchers {
+            // Aborted or finished: either way it no longer holds the partition.
+            let _ended = task.await;
+        }
     }
 }
