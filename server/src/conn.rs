@@ -227,15 +227,17 @@ async fn write_responses(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Slot>
     while let Some(slot) = queue.recv().await {
         let chunks = match slot {
             Slot::Ready(chunks) => chunks,
-            Slot::Pending(task) => match task.await {
-                Ok(chunks) => chunks,
-                // The task panicked: a server bug. The connection's stream of responses can
-                // no longer be trusted to match its requests, so close it.
-                Err(_) => return,
+            Slot::Pending(task) => match ready_or_flush(task, &mut writer).await {
+                Some(Ok(chunks)) => chunks,
+                // The task panicked (a server bug: the connection's stream of responses can
+                // no longer be trusted to match its requests), or the socket failed: close.
+                Some(Err(_)) | None => return,
             },
             Slot::Produce(slot) => {
                 let ProduceSlot { header, pending, guard } = *slot;
-                let result = produce::finish(&shared, pending).await;
+                let Some(result) = ready_or_flush(produce::finish(&shared, pending), &mut writer).await else {
+                    return;
+                };
                 drop(guard);
                 respond(&shared, &header, result)
             }
@@ -250,4 +252,21 @@ async fn write_responses(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Slot>
         }
     }
     drop(writer.shutdown().await);
+}
+
+/// Awaits `response`, but first writes out the responses already buffered if it is not
+/// ready yet: they must not wait for a later request's fsync. `None` if that write failed.
+async fn ready_or_flush<F: std::future::Future>(
+    response: F,
+    writer: &mut BufWriter<OwnedWriteHalf>,
+) -> Option<F::Output> {
+    let mut response = std::pin::pin!(response);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(response.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(output) = first {
+        return Some(output);
+    }
+    if !writer.buffer().is_empty() && writer.flush().await.is_err() {
+        return None;
+    }
+    Some(response.await)
 }

@@ -140,3 +140,42 @@ async fn produce_fetch_commit_round_trip() {
     server.shutdown().await.expect("clean shutdown");
     assert!(dir.path().join("topics/events/1/.clean_shutdown").exists(), "clean-shutdown marker written");
 }
+
+/// Regression: a response that is ready must not wait in the connection's write buffer while
+/// a later pipelined request is still pending (it waited for a long poll, or for the next
+/// produce's fsync, which put tens of milliseconds on acknowledgements under steady load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_response_is_not_held_behind_a_pending_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".into(),
+        metrics_listen: String::new(),
+        ..ServerConfig::default()
+    };
+    let server = rill_server::server::start(config).await.expect("start");
+    let mut c = Raw::connect(server.addr).await;
+    c.call(Request::CreateTopic { name: "events".into(), settings: TopicSettings::default() }).await.expect("create");
+    // One write holding both frames, so the server reads them together: a quick request,
+    // then a long poll at the log end that only a later produce can answer.
+    let poll =
+        Request::Fetch { topic: "events".into(), partition: 0, offset: 0, max_bytes: 1 << 20, max_wait_ms: 60_000 };
+    let mut bytes = Vec::new();
+    for chunk in Request::ApiVersions.encode(100, "smoke").into_iter().chain(poll.encode(101, "smoke")) {
+        bytes.extend_from_slice(&chunk);
+    }
+    c.socket.write_all(&bytes).await.expect("write");
+    let (cid, versions) = tokio::time::timeout(std::time::Duration::from_secs(20), c.recv(api::API_VERSIONS))
+        .await
+        .expect("the ready response is written while the long poll still waits");
+    assert_eq!(cid, 100);
+    assert!(matches!(versions, Ok(Response::ApiVersions(_))));
+    // Now release the long poll.
+    let mut producer = Raw::connect(server.addr).await;
+    let produce = Request::Produce { topic: "events".into(), partition: 0, acks: Acks::Leader, batch: batch(&["x"]) };
+    producer.call(produce).await.expect("produce");
+    let (cid, fetched) = c.recv(api::FETCH).await;
+    assert_eq!(cid, 101);
+    let Ok(Response::Fetch { end_offset, .. }) = fetched else { panic!("not a fetch response: {fetched:?}") };
+    assert_eq!(end_offset, 1);
+}
