@@ -13,6 +13,7 @@ mod connection;
 mod consumer;
 mod producer;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -275,6 +276,29 @@ impl Client {
             None => Ok(None),
             Some(response) => produce_ack(response).map(Some),
         }
+    }
+
+    /// Pipelined [`produce`](Client::produce): the request is queued on the connection when
+    /// this returns, and the returned future waits for its answer. Batches started one after
+    /// another by one task are appended in that order (one connection, written in order), so
+    /// a caller can keep many batches in flight without a task per batch. Not idempotent by
+    /// itself: a batch without producer fields that fails in flight may or may not be in the
+    /// log.
+    pub async fn produce_pipelined(
+        &self,
+        topic: &str,
+        partition: u32,
+        acks: Acks,
+        batch: Bytes,
+    ) -> Result<impl Future<Output = Result<Option<ProduceAck>>> + Send + 'static> {
+        let request = Request::Produce { topic: topic.to_string(), partition, acks, batch };
+        let response = self.start(request).await?;
+        Ok(async move {
+            match response.await? {
+                None => Ok(None),
+                Some(response) => produce_ack(response).map(Some),
+            }
+        })
     }
 
     /// Reads whole batches of `topic`/`partition` from `offset`: at most `max_bytes` (but at

@@ -188,7 +188,8 @@ async fn read_partition(client: &Client, topic: &str, partition: u32) -> Vec<Con
 }
 
 /// 200 produce requests in flight at once on one connection are answered in request
-/// order with consecutive offsets, and the log holds them in the order they were sent.
+/// order with consecutive offsets, and the log holds them in the order they were sent; then
+/// 100 more of two records each, queued by one task with `produce_pipelined`.
 async fn pipelined_produces_come_back_in_order(client: &Client) {
     create(client, "pipeline", 1).await;
     let requests: Vec<_> = (0..200)
@@ -200,8 +201,21 @@ async fn pipelined_produces_come_back_in_order(client: &Client) {
         let offset = i as u64;
         assert_eq!(ack, ProduceAck { base_offset: offset, last_offset: offset, duplicate: false }, "request {i}");
     }
+    // `produce_pipelined` queues each request before it returns, so one task keeps all of
+    // them in flight and awaits the answers afterwards, in any order.
+    let mut pending = Vec::new();
+    for i in 200..300 {
+        let batch = batch_of(&[Record::from_value(format!("p{i}")), Record::from_value(format!("q{i}"))]);
+        pending.push(client.produce_pipelined("pipeline", 0, Acks::Leader, batch).await.expect("queued"));
+    }
+    for (i, ack) in pending.into_iter().enumerate().rev() {
+        let ack = ack.await.expect("produce").expect("acks = leader gets an answer");
+        let offset = 200 + 2 * i as u64;
+        assert_eq!(ack, ProduceAck { base_offset: offset, last_offset: offset + 1, duplicate: false }, "batch {i}");
+    }
     let values: Vec<_> = read_partition(client, "pipeline", 0).await.into_iter().map(|r| r.value).collect();
-    let expected: Vec<_> = (0..200).map(|i| Some(Bytes::from(format!("p{i}")))).collect();
+    let mut expected: Vec<_> = (0..200).map(|i| Some(Bytes::from(format!("p{i}")))).collect();
+    expected.extend((200..300).flat_map(|i| [Some(Bytes::from(format!("p{i}"))), Some(Bytes::from(format!("q{i}")))]));
     assert_eq!(values, expected);
 }
 
@@ -316,9 +330,9 @@ async fn health_and_metrics(http: SocketAddr) {
         assert_eq!(metric(&page, series), Some(expected), "{series}\n{page}");
     };
     expect("rill_produce_records_total{topic=\"orders\"}", 60.0);
-    expect("rill_produce_records_total{topic=\"pipeline\"}", 200.0);
+    expect("rill_produce_records_total{topic=\"pipeline\"}", 400.0);
     expect("rill_produce_records_total{topic=\"timed\"}", 13.0);
-    expect("rill_log_end_offset{topic=\"pipeline\",partition=\"0\"}", 200.0);
+    expect("rill_log_end_offset{topic=\"pipeline\",partition=\"0\"}", 400.0);
     expect("rill_log_start_offset{topic=\"pipeline\",partition=\"0\"}", 0.0);
     expect("rill_consumer_lag{group=\"billing\",topic=\"groups\",partition=\"0\"}", 6.0);
     expect("rill_consumer_lag{group=\"billing\",topic=\"groups\",partition=\"1\"}", 3.0);
@@ -327,7 +341,7 @@ async fn health_and_metrics(http: SocketAddr) {
         let value = metric(&page, series).unwrap_or_else(|| panic!("{series} missing\n{page}"));
         assert!(value >= min, "{series} = {value}, expected at least {min}");
     };
-    at_least("rill_requests_total{api=\"produce\"}", 200.0 + 11.0 + 20.0 + 1.0);
+    at_least("rill_requests_total{api=\"produce\"}", 300.0 + 11.0 + 20.0 + 1.0);
     at_least("rill_fetch_requests_total{topic=\"orders\"}", 1.0);
     at_least("rill_produce_bytes_total{topic=\"pipeline\"}", 200.0 * 61.0);
     at_least("rill_log_size_bytes{topic=\"pipeline\",partition=\"0\"}", 200.0 * 61.0);

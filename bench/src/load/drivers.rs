@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rill_engine::format::batch::BatchIter;
+use rill_engine::format::batch::{BatchBuilder, BatchIter};
 use rill_engine::{Compression, FsyncPolicy, Partition, Record, Store, StoreConfig, TopicConfig};
 use rill_server::client::{decode_fetched, Client, Producer, ProducerConfig};
 use rill_server::messages::TopicSettings;
@@ -63,8 +63,12 @@ impl Durability {
 pub enum SystemKind {
     /// The engine in this process (no network).
     Embedded,
-    /// `rill serve` over loopback, native protocol (`rill_server::client`).
+    /// `rill serve` over loopback, native protocol: each send is one record batch
+    /// (`Client::produce_pipelined`), as an append is embedded and a pipeline is for Redis.
     Server,
+    /// `rill serve` over loopback through the batching client `Producer` (a send per
+    /// message, batched by linger and size, a future per message).
+    ServerProducer,
     /// Redis Streams (XADD / XREADGROUP), feature `peers`.
     Redis,
     /// NATS JetStream, feature `peers`.
@@ -77,6 +81,7 @@ impl SystemKind {
         match self {
             SystemKind::Embedded => "rill-embedded",
             SystemKind::Server => "rill-server",
+            SystemKind::ServerProducer => "rill-server-producer",
             SystemKind::Redis => "redis",
             SystemKind::Nats => "nats",
         }
@@ -111,6 +116,8 @@ pub enum Driver {
         admin: Client,
         /// Segment size of created topics.
         segment_bytes: u64,
+        /// Producers go through the batching client `Producer`.
+        batching_producer: bool,
     },
     /// A Redis server.
     #[cfg(feature = "peers")]
@@ -124,6 +131,8 @@ pub enum Driver {
 pub enum ProducerHandle {
     /// Appends to the partitions of an embedded topic, round robin per send.
     Embedded { partitions: Vec<Arc<Partition>>, next: usize },
+    /// One record batch per send on its own connection, round robin over the partitions.
+    ServerBatch { client: Client, topic: String, partitions: u32, next: usize, acks: rill_server::messages::Acks },
     /// The batching client `Producer` (its own connection).
     Server { producer: Producer, topic: String },
     /// A Redis connection.
@@ -157,10 +166,11 @@ impl Driver {
         Ok(Driver::Embedded { store: Store::open(dir, config)?, io })
     }
 
-    /// A rill server at `addr`.
-    pub async fn server(addr: &str, segment_bytes: u64) -> Result<Driver> {
+    /// A rill server at `addr`; producers send one batch per send, or go through the
+    /// batching `Producer` if `batching_producer`.
+    pub async fn server(addr: &str, segment_bytes: u64, batching_producer: bool) -> Result<Driver> {
         let admin = Client::connect(addr, "rill-bench-load-admin").await?;
-        Ok(Driver::Server { addr: addr.to_string(), admin, segment_bytes })
+        Ok(Driver::Server { addr: addr.to_string(), admin, segment_bytes, batching_producer })
     }
 
     /// Creates `stream` with `partitions` partitions at `durability`.
@@ -224,8 +234,17 @@ impl Driver {
                 let parts = (0..partitions).map(|p| store.partition(stream, p)).collect::<rill_engine::Result<_>>()?;
                 Ok(ProducerHandle::Embedded { partitions: parts, next: id })
             }
-            Driver::Server { addr, .. } => {
+            Driver::Server { addr, batching_producer, .. } => {
                 let client = Client::connect(addr.as_str(), &format!("rill-bench-load-producer-{id}")).await?;
+                if !batching_producer {
+                    return Ok(ProducerHandle::ServerBatch {
+                        client,
+                        topic: stream.to_string(),
+                        partitions,
+                        next: id,
+                        acks: s.acks,
+                    });
+                }
                 let config = ProducerConfig {
                     linger_ms: s.linger_ms,
                     batch_size_bytes: s.batch_bytes,
@@ -294,6 +313,20 @@ impl ProducerHandle {
                 let handle = partition.append_records(&records, Compression::None)?;
                 Ok(Box::pin(async move {
                     handle.await?;
+                    Ok(())
+                }))
+            }
+            ProducerHandle::ServerBatch { client, topic, partitions, next, acks } => {
+                let partition = (*next % *partitions as usize) as u32;
+                *next += 1;
+                let mut builder = BatchBuilder::new(Compression::None, crate::now_ms());
+                for value in values {
+                    builder.push(&Record::from_value(value))?;
+                }
+                let batch = builder.build()?.freeze();
+                let ack = client.produce_pipelined(topic, partition, *acks, batch).await?;
+                Ok(Box::pin(async move {
+                    ack.await?;
                     Ok(())
                 }))
             }

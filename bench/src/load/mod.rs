@@ -19,6 +19,7 @@
 
 pub mod drivers;
 pub mod output;
+pub mod pacer;
 #[cfg(feature = "peers")]
 pub mod peers;
 pub mod schedule;
@@ -90,18 +91,19 @@ pub struct LoadArgs {
     /// Partitions (rill), stream keys (Redis) or streams (NATS).
     #[arg(long, default_value_t = 1)]
     pub partitions: u32,
-    /// Messages per send: records per append (embedded), XADDs per pipeline (Redis),
-    /// publishes per send (NATS), sends per await (rill server; its client batches by
-    /// linger and size).
+    /// Messages per send: records per append (embedded), records per produce request
+    /// (rill server), XADDs per pipeline (Redis), publishes per send (NATS), `Producer`
+    /// sends per await (rill server through the client `Producer`, which batches by linger
+    /// and size).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Closed loop: sends each producer keeps unacknowledged.
     #[arg(long, default_value_t = 16)]
     pub inflight: usize,
-    /// rill server client: `linger_ms`.
+    /// rill server through the client `Producer`: `linger_ms`.
     #[arg(long, default_value_t = 1)]
     pub linger_ms: u64,
-    /// rill server client: batch size in KiB.
+    /// rill server through the client `Producer`: batch size in KiB.
     #[arg(long, default_value_t = 256)]
     pub batch_kib: usize,
     /// rill server client: acknowledgement level (`all` waits for the in-sync replicas of a
@@ -265,12 +267,13 @@ fn connect(
     let _ = durability;
     match system {
         SystemKind::Embedded => Driver::embedded(&dir.join(format!("embedded-{}", durability.name()))),
-        SystemKind::Server => {
+        SystemKind::Server | SystemKind::ServerProducer => {
             if server.is_none() {
                 *server = Some(BenchServer::start(&args.server, &dir.join("server-data"))?);
             }
             let addr = server.as_ref().map(|s| s.addr().to_string()).unwrap_or_default();
-            runtime.block_on(Driver::server(&addr, args.server.segment_mib << 20))
+            let batching_producer = system == SystemKind::ServerProducer;
+            runtime.block_on(Driver::server(&addr, args.server.segment_mib << 20, batching_producer))
         }
         #[cfg(feature = "peers")]
         SystemKind::Redis => Ok(Driver::Redis(runtime.block_on(peers::RedisDriver::connect(&args.redis_url))?)),
@@ -437,10 +440,18 @@ async fn traffic(
     let counters = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
     let consumer_tasks = spawn_consumers(consumers, clock, &counters, &stop);
+    let pacer = match args.rate {
+        Some(_) => Some(pacer::Pacer::start(origin, args.producers)?),
+        None => None,
+    };
     let mut producer_tasks = Vec::new();
     for (i, producer) in producers.into_iter().enumerate() {
         let schedule = match args.rate {
-            Some(rate) => Some(Schedule::for_producer(rate, args.producers, i).ok_or("--rate must be positive")?),
+            Some(rate) => {
+                let schedule = Schedule::for_producer(rate, args.producers, i).ok_or("--rate must be positive")?;
+                let pacer = pacer.as_ref().map(|p| p.handle(i)).ok_or("an open loop has a pacer")?;
+                Some((schedule, pacer))
+            }
             None => None,
         };
         let counters = Arc::clone(&counters);
@@ -533,7 +544,7 @@ async fn server_totals(driver: &Driver, stream: &str) -> Option<(u64, u64)> {
 /// (actual − intended send time) histograms.
 async fn produce(
     mut producer: drivers::ProducerHandle,
-    schedule: Option<Schedule>,
+    schedule: Option<(Schedule, pacer::PacerHandle)>,
     clock: Clock,
     size: usize,
     batch: usize,
@@ -579,7 +590,7 @@ async fn produce(
         let now = elapsed_ns(clock.origin);
         if now >= clock.window_end_ns + GIVE_UP_NS {
             // The system cannot take the load: stop instead of sending for minutes more.
-            if let Some(s) = &schedule {
+            if let Some((s, _)) = &schedule {
                 let due = s.due_count(clock.window_end_ns.saturating_sub(1));
                 counters.unsent.fetch_add(due.saturating_sub(sent), Ordering::Relaxed);
             }
@@ -588,14 +599,14 @@ async fn produce(
         let stamps: Vec<u64> = match &schedule {
             None if now >= clock.window_end_ns => break,
             None => vec![now; batch],
-            Some(s) => {
+            Some((s, pacer)) => {
                 let due = s.next_batch(sent, now, clock.window_end_ns, batch as u64);
                 if due.is_empty() {
                     let next = s.due_ns(sent);
                     if next >= clock.window_end_ns {
                         break;
                     }
-                    tokio::time::sleep_until((clock.origin + Duration::from_nanos(next)).into()).await;
+                    pacer.sleep_until(next).await;
                     continue;
                 }
                 lag.saturating_record(now.saturating_sub(s.due_ns(due.start)) / 1000);

@@ -276,6 +276,7 @@ fn colour(system: &str) -> &'static str {
     match system {
         "rill-embedded" => "#1b9e77",
         "rill-server" => "#66a61e",
+        "rill-server-producer" => "#a6d854",
         "redis" => "#d95f02",
         "nats" => "#7570b3",
         _ => "#666666",
