@@ -95,15 +95,15 @@ wait_port 127.0.0.1 "$NATS_PORT" "nats-server (default sync)"
 wait_port 127.0.0.1 "$NATS_ALWAYS_PORT" "nats-server (sync always)"
 say "redis $(redis-server --version | awk '{print $3}') on $REDIS_PORT; $(nats-server --version) on $NATS_PORT (default) and $NATS_ALWAYS_PORT (sync always)"
 
-COMMON=(--systems embedded,server,redis,nats
-        --redis-url "redis://127.0.0.1:$REDIS_PORT"
+SYSTEMS=embedded,server,redis,nats
+COMMON=(--redis-url "redis://127.0.0.1:$REDIS_PORT"
         --nats-url "nats://127.0.0.1:$NATS_PORT" --nats-url-always "nats://127.0.0.1:$NATS_ALWAYS_PORT"
         --duration "$DURATION" --warmup 1)
 
-run() { # name args...
-  local name=$1; shift
-  say "run $name: $BENCH load ${COMMON[*]} $*"
-  "$BENCH" load "${COMMON[@]}" "$@" --out "$OUT/$name" > "$OUT/$name.md"
+run() { # name systems args...
+  local name=$1 systems=$2; shift 2
+  say "run $name: $BENCH load --systems $systems ${COMMON[*]} $*"
+  "$BENCH" load --systems "$systems" "${COMMON[@]}" "$@" --out "$OUT/$name" > "$OUT/$name.md"
   cat "$OUT/$name.md"
   echo
 }
@@ -116,15 +116,16 @@ run() { # name args...
   echo
 } > "$OUT/README.md"
 
-# 1. Closed-loop throughput: 100 B, 64 producers x pipeline 16, every durability.
-run produce-64 --workloads produce --durability always,relaxed,none \
+# 1. Closed-loop throughput: 100 B, 64 producers x pipeline 16, every durability; rill's
+#    server also through the batching client Producer (a send and a future per message).
+run produce-64 "embedded,server,server-producer,redis,nats" --workloads produce --durability always,relaxed,none \
   --message-size 100 --producers 64 --batch 16 --inflight 1
 # 2. End-to-end latency, open loop at 50,000 msg/s, fsync=always.
-run e2e-50k --workloads e2e --durability always --rate 50000 --message-size 100 --producers 4 --batch 16
+run e2e-50k "$SYSTEMS" --workloads e2e --durability always --rate 50000 --message-size 100 --producers 4 --batch 16
 # 3. Fan-out: 4 consumers each receive everything, open loop at 20,000 msg/s, relaxed.
-run fanout-4 --workloads fanout --durability relaxed --rate 20000 --message-size 100 --producers 4 --batch 16 --consumers 4
+run fanout-4 "$SYSTEMS" --workloads fanout --durability relaxed --rate 20000 --message-size 100 --producers 4 --batch 16 --consumers 4
 # 4. Replay a log from its start (1 KiB messages), no fsync.
-run replay --workloads replay --durability none --message-size 1024 --producers 4 --batch 16 --inflight 4 \
+run replay "$SYSTEMS" --workloads replay --durability none --message-size 1024 --producers 4 --batch 16 --inflight 4 \
   --replay-mib "$REPLAY_MIB"
 
 for f in produce-64 e2e-50k fanout-4 replay; do

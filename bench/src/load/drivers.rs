@@ -280,12 +280,12 @@ impl Driver {
         }
     }
 
-    /// Embedded only: writes so far and fdatasync calls so far.
-    pub fn io_counts(&self) -> Option<(u64, u64)> {
+    /// Embedded only: bytes written so far and the duration of every fdatasync so far, ns.
+    pub fn io_counts(&self) -> Option<(u64, Vec<u64>)> {
         match self {
             Driver::Embedded { io, .. } => {
                 let snap = io.snapshot();
-                Some((snap.write_bytes, snap.sync_ns.len() as u64))
+                Some((snap.write_bytes, snap.sync_ns))
             }
             _ => None,
         }

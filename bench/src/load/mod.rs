@@ -507,10 +507,15 @@ async fn traffic(
         outcome.extra.push(("send lag p99 ms".into(), lag.value_at_quantile(0.99) as f64 / 1e3));
     }
     if let (Some((bytes_before, syncs_before)), Some((bytes_after, syncs_after))) = (io_before, io_after) {
-        let syncs = syncs_after.saturating_sub(syncs_before);
+        let mut window: Vec<u64> = syncs_after.get(syncs_before.len()..).unwrap_or_default().to_vec();
+        let syncs = window.len() as u64;
         outcome.extra.push(("fsyncs/s".into(), syncs as f64 / secs));
         if syncs > 0 {
             outcome.extra.push(("B/fsync".into(), bytes_after.saturating_sub(bytes_before) as f64 / syncs as f64));
+            // The disk's own share of the latency: how long the fdatasyncs of the window took.
+            window.sort_unstable();
+            let p99 = window[(window.len() * 99 / 100).min(window.len() - 1)];
+            outcome.extra.push(("fsync p99 ms".into(), p99 as f64 / 1e6));
         }
     }
     if let (Some(before), Some(after)) = (fsync_before, fsync_after) {
