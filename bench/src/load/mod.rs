@@ -512,7 +512,10 @@ async fn traffic(
         outcome.extra.push(("fsyncs/s".into(), syncs as f64 / secs));
         if syncs > 0 {
             outcome.extra.push(("B/fsync".into(), bytes_after.saturating_sub(bytes_before) as f64 / syncs as f64));
-            // The disk's own share of the latency: how long the fdatasyncs of the window took.
+        }
+        // The disk's own share of the latency: how long the fdatasyncs of the window took
+        // (only where there are enough of them for a 99th percentile to mean something).
+        if syncs >= 100 {
             window.sort_unstable();
             let p99 = window[(window.len() * 99 / 100).min(window.len() - 1)];
             outcome.extra.push(("fsync p99 ms".into(), p99 as f64 / 1e6));
