@@ -7,13 +7,15 @@
 #
 # Environment: OUT (results directory, default target/bench-cluster/<UTC time>), RUNS
 # (alternating runs of each setup, default 3), DURATION (measured seconds per run, default 5),
-# PRODUCERS (default 16), SIZE (message bytes, default 100), SKIP_BUILD=1.
+# PRODUCERS (default 16), SIZE (message bytes, default 100), SYSTEM (`server`: a batch of 16
+# per request, the default; `server-producer`: through the client Producer), SKIP_BUILD=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-5}
 PRODUCERS=${PRODUCERS:-16}
+SYSTEM=${SYSTEM:-server}
 SIZE=${SIZE:-100}
 OUT=${OUT:-target/bench-cluster/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
@@ -51,7 +53,7 @@ done
 for port in 17500 17501 17502 17503; do wait_port "$port"; done
 sleep 3 # the controller elects a leader and every node registers
 
-COMMON=(--systems server --server external --workloads produce --durability always
+COMMON=(--systems "$SYSTEM" --server external --workloads produce --durability always
         --message-size "$SIZE" --producers "$PRODUCERS" --batch 16 --inflight 1
         --duration "$DURATION" --warmup 1)
 {
