@@ -59,16 +59,21 @@ fn batch(values: &[&str]) -> Bytes {
     builder.build().expect("build").freeze()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn produce_fetch_commit_round_trip() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// The server in-process on an ephemeral loopback port, data in `dir`, no metrics listener.
+async fn start(dir: &std::path::Path) -> rill_server::server::ServerHandle {
     let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".into(),
         metrics_listen: String::new(),
         ..ServerConfig::default()
     };
-    let server = rill_server::server::start(config).await.expect("start");
+    rill_server::server::start(config).await.expect("start")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_fetch_commit_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path()).await;
     let mut c = Raw::connect(server.addr).await;
     let settings = TopicSettings { partitions: 2, ..TopicSettings::default() };
     c.call(Request::CreateTopic { name: "events".into(), settings }).await.expect("create");
@@ -147,13 +152,7 @@ async fn produce_fetch_commit_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_response_is_not_held_behind_a_pending_one() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".into(),
-        metrics_listen: String::new(),
-        ..ServerConfig::default()
-    };
-    let server = rill_server::server::start(config).await.expect("start");
+    let server = start(dir.path()).await;
     let mut c = Raw::connect(server.addr).await;
     c.call(Request::CreateTopic { name: "events".into(), settings: TopicSettings::default() }).await.expect("create");
     // One write holding both frames, so the server reads them together: a quick request,
