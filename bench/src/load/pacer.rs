@@ -133,7 +133,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn senders_wake_at_or_after_their_times_in_order() {
+    async fn senders_wake_at_or_after_their_times() {
         let origin = Instant::now();
         let pacer = Pacer::start(origin, 3).expect("start");
         let mut tasks = Vec::new();
