@@ -4,8 +4,12 @@
 #   * fdatasync latency and rate: fio, sequential writes of 4 KiB and 64 KiB, each followed
 #     by fdatasync (one writer, 5 s each);
 #   * loopback TCP bandwidth: `rill-bench loopback` (one connection), and iperf3 if present;
+#   * the disk's ack-latency floor at fsync=always: `rill-bench sync-floor` (4 KiB write +
+#     fdatasync back to back; an append arriving during one sync waits for the rest of it and
+#     all of the next), measured just before and just after rill's end-to-end run;
 # then rill's figures from `rill-bench load` (embedded append, fsync=always syncs, server
-# throughput, replay) printed as a fraction of them. Not run in CI.
+# throughput, end-to-end latency at 50,000 msg/s, replay) printed as a fraction of them. Not
+# run in CI.
 #
 #   bench/limits.sh            # DIR=<data dir on the disk to measure> (default ./target)
 #
@@ -63,6 +67,11 @@ say "rill: 100 B, 64 producers x 16, fsync=always (vs. fdatasync rate)"
 say "rill: server, 1 KiB, 8 producers, fsync=never (vs. loopback bandwidth)"
 "$BENCH" --dir "$SCRATCH" --json load --systems server --workloads produce --durability none \
   --message-size 1024 --producers 8 --batch 64 --inflight 4 --duration 5 > "$OUT/rill-server.json"
+say "sync floor (before), then rill: end-to-end latency at 50,000 msg/s, fsync=always, then sync floor (after)"
+"$BENCH" --dir "$SCRATCH" --json sync-floor --seconds 5 --write-bytes 4096 > "$OUT/sync-floor-before.json"
+"$BENCH" --dir "$SCRATCH" --json load --systems embedded,server --workloads e2e --durability always \
+  --rate 50000 --message-size 100 --producers 4 --batch 16 --duration 5 > "$OUT/rill-e2e.json"
+"$BENCH" --dir "$SCRATCH" --json sync-floor --seconds 5 --write-bytes 4096 > "$OUT/sync-floor-after.json"
 say "rill: replay 1 GiB from the page cache"
 "$BENCH" --dir "$SCRATCH" --json load --systems embedded,server --workloads replay --durability none \
   --message-size 1024 --producers 2 --batch 100 --inflight 4 --replay-mib "${REPLAY_MIB:-1024}" > "$OUT/rill-replay.json"
@@ -91,7 +100,12 @@ for bs in ("4k", "64k"):
                    p50=pct.get("50.000000", float("nan")) / 1e3,
                    p99=pct.get("99.000000", float("nan")) / 1e3,
                    mean=lat["mean"] / 1e3)
-loop = [json.loads(l) for l in open(os.path.join(out, "loopback.json")) if l.startswith("{")]
+def lines(name):
+    return [json.loads(l) for l in open(os.path.join(out, name)) if l.startswith("{")]
+loop = lines("loopback.json")
+floor = {}
+for when in ("before", "after"):
+    floor[when] = {r["metric"]: r["value"] for r in lines(f"sync-floor-{when}.json")}
 loop_mb = next(r["value"] for r in loop if r["metric"] == "tcp_bandwidth")
 iperf_mb = None
 try:
@@ -102,6 +116,8 @@ print("| limit | value |\n|---|--:|")
 print(f"| sequential write, dd 1 GiB + fdatasync | {seq_mb:,.0f} MB/s |")
 for bs, f in fio.items():
     print(f"| {bs} write + fdatasync (fio) | {f['rate']:,.0f} syncs/s; fdatasync p50 {f['p50']:.0f} µs, p99 {f['p99']:.0f} µs, mean {f['mean']:.0f} µs |")
+for when, f in floor.items():
+    print(f"| fsync=always ack floor, {when} the e2e run (sync-floor: 4 KiB write + fdatasync back to back, {f['syncs_per_s']:,.0f} syncs/s, sync p99 {f['write_sync_p99']:.2f} ms) | p50 {f['ack_floor_p50']:.2f} ms, p99 {f['ack_floor_p99']:.2f} ms, p99.9 {f['ack_floor_p999']:.2f} ms |")
 print(f"| loopback TCP, rill-bench loopback (1 connection) | {loop_mb:,.0f} MB/s |")
 if iperf_mb:
     print(f"| loopback TCP, iperf3 (1 stream) | {iperf_mb:,.0f} MB/s |")
@@ -116,6 +132,11 @@ for r in load("rill-always.json"):
     if fs:
         row(f"{r['system']} fsync=always, 64 producers: fsyncs/s", fs, "/s", fio["64k"]["rate"], "64 KiB syncs/s")
         print(f"| {r['system']} fsync=always: msg/s, bytes per fsync | {r['msgs_per_s']:,.0f} msg/s | {r['extra'].get('B/fsync', float('nan')):,.0f} B/fsync | |")
+floor_p99 = max(f["ack_floor_p99"] for f in floor.values())
+for r in load("rill-e2e.json"):
+    if r.get("latency_us"):
+        p99 = r["latency_us"]["p99"] / 1e3
+        print(f"| {r['system']} e2e p99 at 50,000 msg/s, fsync=always | {p99:.2f} ms | {floor_p99:.2f} ms ack floor p99 (the larger of the two) | {p99 / floor_p99:.2f} |")
 s = one(load("rill-server.json"), "rill-server")
 tcp_mb = max(loop_mb, iperf_mb or 0)
 row("server produce, 1 KiB, fsync=never (payload)", s["mb_per_s"], "MB/s", tcp_mb, "MB/s loopback (best of the two)")

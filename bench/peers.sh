@@ -120,15 +120,29 @@ run() { # name systems args...
 #    server also through the batching client Producer (a send and a future per message).
 run produce-64 "embedded,server,server-producer,redis,nats" --workloads produce --durability always,relaxed,none \
   --message-size 100 --producers 64 --batch 16 --inflight 1
-# 2. End-to-end latency, open loop at 50,000 msg/s, fsync=always.
+# 2. End-to-end latency, open loop at 50,000 msg/s, fsync=always, between two measurements of
+#    the disk's own ack-latency floor (4 KiB write + fdatasync back to back; an append that
+#    arrives during a sync waits for the rest of it and all of the next).
+floor() { # name
+  say "sync floor ($1): $BENCH sync-floor --seconds $DURATION"
+  "$BENCH" sync-floor --seconds "$DURATION" > "$OUT/$1.txt"
+  cat "$OUT/$1.txt"
+  echo
+}
+floor sync-floor-before-e2e
 run e2e-50k "$SYSTEMS" --workloads e2e --durability always --rate 50000 --message-size 100 --producers 4 --batch 16
+floor sync-floor-after-e2e
 # 3. Fan-out: 4 consumers each receive everything, open loop at 20,000 msg/s, relaxed.
 run fanout-4 "$SYSTEMS" --workloads fanout --durability relaxed --rate 20000 --message-size 100 --producers 4 --batch 16 --consumers 4
 # 4. Replay a log from its start (1 KiB messages), no fsync.
 run replay "$SYSTEMS" --workloads replay --durability none --message-size 1024 --producers 4 --batch 16 --inflight 4 \
   --replay-mib "$REPLAY_MIB"
 
-for f in produce-64 e2e-50k fanout-4 replay; do
-  { echo "## $f"; echo; cat "$OUT/$f.md"; echo; } >> "$OUT/README.md"
+for f in produce-64 sync-floor-before-e2e e2e-50k sync-floor-after-e2e fanout-4 replay; do
+  if [ -f "$OUT/$f.txt" ]; then
+    { echo "## $f"; echo; echo '```'; cat "$OUT/$f.txt"; echo '```'; echo; } >> "$OUT/README.md"
+  else
+    { echo "## $f"; echo; cat "$OUT/$f.md"; echo; } >> "$OUT/README.md"
+  fi
 done
 say "results in $OUT (README.md; per run: load.json, load.md, load.svg)"

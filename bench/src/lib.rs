@@ -7,6 +7,7 @@ pub mod load;
 pub mod priority;
 pub mod server_load;
 pub mod summary;
+pub mod sync_floor;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

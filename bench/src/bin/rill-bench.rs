@@ -10,6 +10,7 @@
 //! cargo run --release -p rill-bench --bin rill-bench -- server-latency  # open-loop produce -> consume latency
 //! cargo run --release -p rill-bench --features peers -- load --systems embedded,server,redis,nats  # side by side
 //! cargo run --release -p rill-bench --bin rill-bench -- loopback        # loopback TCP bandwidth
+//! cargo run --release -p rill-bench --bin rill-bench -- sync-floor      # the disk's ack-latency floor at fsync=always
 //! ```
 //!
 //! Every run works in a fresh scratch directory (inside `--dir`, default `./target` if it
@@ -75,6 +76,9 @@ enum Cmd {
     Load(rill_bench::load::LoadArgs),
     /// Loopback TCP bandwidth: one connection, 1 MiB writes, for `bench/limits.sh`.
     Loopback(LoopbackArgs),
+    /// The disk's floor for acknowledgement latency at fsync=always: write + fdatasync back to
+    /// back, and the wait of appends arriving evenly over the run (`rill_bench::sync_floor`).
+    SyncFloor(SyncFloorArgs),
     /// Runs append, group-commit and read.
     All {
         #[command(flatten)]
@@ -94,6 +98,20 @@ struct LoopbackArgs {
     /// Bytes of each write(2), in KiB.
     #[arg(long, default_value_t = 1024)]
     write_kib: usize,
+}
+
+#[derive(Args, Clone, Debug)]
+struct SyncFloorArgs {
+    /// Seconds of back-to-back write + fdatasync.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Bytes written before each fdatasync (about what one sync carries at the rate of
+    /// interest: 50,000 msg/s of 100 B at ~2,000 syncs/s is ~3 KB).
+    #[arg(long, default_value_t = 4096)]
+    write_bytes: usize,
+    /// Evenly spaced arrival instants at which the wait is evaluated.
+    #[arg(long, default_value_t = 1_000_000)]
+    points: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -305,6 +323,7 @@ fn run(cli: &Cli) -> Result<()> {
             rill_bench::load::run(scratch.path(), args, cli.json, &command_line)
         }
         Cmd::Loopback(args) => bench_loopback(args, &mut report),
+        Cmd::SyncFloor(args) => bench_sync_floor(scratch.path(), args, &mut report),
         Cmd::All { append, group_commit, read } => bench_append(scratch.path(), append, &mut report)
             .and_then(|()| bench_group_commit(scratch.path(), group_commit, &mut report))
             .and_then(|()| bench_read(scratch.path(), read, &mut report)),
@@ -851,6 +870,34 @@ fn bench_loopback(args: &LoopbackArgs, report: &mut Report) -> Result<()> {
         "MB/s",
         &format!("one connection over 127.0.0.1, {} KiB writes, {:.1} s", args.write_kib, elapsed.as_secs_f64()),
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// sync-floor
+
+fn bench_sync_floor(dir: &Path, args: &SyncFloorArgs, report: &mut Report) -> Result<()> {
+    use rill_bench::sync_floor::{ack_floor, measure, quantile};
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        return Err(format!("--seconds must be a positive number of seconds, got {}", args.seconds).into());
+    }
+    progress(&format!("sync-floor: {} B write + fdatasync, back to back, {} s", args.write_bytes, args.seconds));
+    let spans = measure(dir, Duration::from_secs_f64(args.seconds), args.write_bytes)?;
+    let elapsed = spans.last().map_or(0.0, |s| s.end_s);
+    let mut syncs: Vec<f64> = spans.iter().map(|s| s.end_s - s.start_s).collect();
+    syncs.sort_by(f64::total_cmp);
+    let floor = ack_floor(&spans, args.points);
+    if floor.is_empty() {
+        return Err("sync-floor: fewer than two syncs completed; run it longer".into());
+    }
+    let note = format!("{} B per sync, {} syncs in {elapsed:.1} s", args.write_bytes, spans.len());
+    report.add("sync-floor", "syncs_per_s", spans.len() as f64 / elapsed, "/s", &note);
+    report.add("sync-floor", "write_sync_p50", quantile(&syncs, 0.5) * 1e3, "ms", "one write + fdatasync");
+    report.add("sync-floor", "write_sync_p99", quantile(&syncs, 0.99) * 1e3, "ms", "one write + fdatasync");
+    let waits = "an append arriving at an even instant waits for the rest of the running sync and all of the next";
+    for (metric, q) in [("ack_floor_p50", 0.5), ("ack_floor_p99", 0.99), ("ack_floor_p999", 0.999)] {
+        report.add("sync-floor", metric, quantile(&floor, q) * 1e3, "ms", waits);
+    }
     Ok(())
 }
 
