@@ -881,6 +881,9 @@ fn bench_sync_floor(dir: &Path, args: &SyncFloorArgs, report: &mut Report) -> Re
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(format!("--seconds must be a positive number of seconds, got {}", args.seconds).into());
     }
+    if args.points == 0 {
+        return Err("--points must be at least 1".into());
+    }
     progress(&format!("sync-floor: {} B write + fdatasync, back to back, {} s", args.write_bytes, args.seconds));
     let spans = measure(dir, Duration::from_secs_f64(args.seconds), args.write_bytes)?;
     let elapsed = spans.last().map_or(0.0, |s| s.end_s);
