@@ -129,6 +129,10 @@ floor() { # name
   cat "$OUT/$1.txt"
   echo
 }
+# The runs above leave up to gigabytes of fsync=never data for the kernel to write back;
+# measured while that writeback runs, the floor p99 was 6–8 ms before the e2e run and 1–2 ms
+# after it (2026-11-24). Flush it first, so that the latency runs see a settled disk.
+sync
 floor sync-floor-before-e2e
 run e2e-50k "$SYSTEMS" --workloads e2e --durability always --rate 50000 --message-size 100 --producers 4 --batch 16
 floor sync-floor-after-e2e
