@@ -130,8 +130,8 @@ floor() { # name
   echo
 }
 # The runs above leave up to gigabytes of fsync=never data for the kernel to write back;
-# measured while that writeback runs, the floor p99 was 6–8 ms before the e2e run and 1–2 ms
-# after it (2026-11-24). Flush it first, so that the latency runs see a settled disk.
+# flush it first, so that the latency runs do not share the disk with that writeback. (The
+# floor still varies from run to run: p99 0.8–11 ms on 2026-11-24, docs/benchmarks.md.)
 sync
 floor sync-floor-before-e2e
 run e2e-50k "$SYSTEMS" --workloads e2e --durability always --rate 50000 --message-size 100 --producers 4 --batch 16
