@@ -68,7 +68,7 @@ say "rill: server, 1 KiB, 8 producers, fsync=never (vs. loopback bandwidth)"
 "$BENCH" --dir "$SCRATCH" --json load --systems server --workloads produce --durability none \
   --message-size 1024 --producers 8 --batch 64 --inflight 4 --duration 5 > "$OUT/rill-server.json"
 # The fsync=never runs above leave data for the kernel to write back; flush it first, so
-# that the floor and the latency run see a settled disk.
+# that the floor and the latency run do not share the disk with that writeback.
 sync
 say "sync floor (before), then rill: end-to-end latency at 50,000 msg/s, fsync=always, then sync floor (after)"
 "$BENCH" --dir "$SCRATCH" --json sync-floor --seconds 5 --write-bytes 4096 > "$OUT/sync-floor-before.json"

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use clap::Args;
 use rill_engine::{FsyncPolicy, PriorityCursorConfig, Record, Store, StoreConfig, TopicConfig};
 
-use crate::summary::{fmt, median, runs_note, Result, Sink};
+use crate::summary::{fmt, median, percentile, runs_note, Result, Sink};
 
 const BENCH: &str = "priority";
 
@@ -79,14 +79,6 @@ struct LatencyRun {
     max_us: f64,
     samples: usize,
     flood_records: u64,
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 fn latency_run(dir: &Path, args: &PriorityArgs, flood: bool) -> Result<LatencyRun> {

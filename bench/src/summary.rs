@@ -28,6 +28,15 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The `q`-quantile (0..=1) of already sorted values, nearest rank; `NaN` when empty.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
 /// A figure with as many digits as it deserves (as the rest of `rill-bench` prints them).
 pub fn fmt(value: f64) -> String {
     if value.abs() >= 1000.0 {

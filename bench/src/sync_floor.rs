@@ -34,7 +34,7 @@ pub fn measure(dir: &Path, duration: Duration, write_bytes: usize) -> std::io::R
     let buf = vec![0x5a_u8; write_bytes.max(1)];
     let mut spans = Vec::new();
     let t0 = Instant::now();
-    let result = (|| {
+    let result: std::io::Result<()> = (|| {
         while t0.elapsed() < duration {
             let start_s = t0.elapsed().as_secs_f64();
             file.write_all(&buf)?;
@@ -44,8 +44,11 @@ pub fn measure(dir: &Path, duration: Duration, write_bytes: usize) -> std::io::R
         Ok(())
     })();
     drop(file);
-    std::fs::remove_file(&path)?;
-    result.map(|()| spans)
+    // A failed write or sync is the error to report, not a failed cleanup after it.
+    let removed = std::fs::remove_file(&path);
+    result?;
+    removed?;
+    Ok(spans)
 }
 
 /// Acknowledgement latencies, in seconds and sorted, of appends arriving at `points` evenly
@@ -76,18 +79,11 @@ pub fn ack_floor(spans: &[SyncSpan], points: usize) -> Vec<f64> {
     out
 }
 
-/// The `q`-quantile (0..=1) of sorted values, nearest rank; `NaN` if empty.
-pub fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::summary::percentile;
+    use crate::ScratchDir;
 
     fn back_to_back(durations: &[f64]) -> Vec<SyncSpan> {
         let mut t = 0.0;
@@ -110,9 +106,9 @@ mod tests {
         // Arrivals are 0.01 apart, so the latest one before a sync starts waits 1.01.
         assert!((1.0..1.0101).contains(&lo), "shortest wait is one whole sync: {lo}");
         assert!(hi <= 2.0 && hi > 1.999, "longest wait is just under two syncs: {hi}");
-        let p50 = quantile(&floor, 0.5);
+        let p50 = percentile(&floor, 0.5);
         assert!((p50 - 1.5).abs() < 0.001, "uniform arrivals wait 1.5 syncs at the median: {p50}");
-        let p99 = quantile(&floor, 0.99);
+        let p99 = percentile(&floor, 0.99);
         assert!((p99 - 1.99).abs() < 0.001, "p99 {p99}");
     }
 
@@ -124,9 +120,9 @@ mod tests {
         let spans = back_to_back(&durations);
         let mut sorted = durations.clone();
         sorted.sort_by(f64::total_cmp);
-        assert_eq!(quantile(&sorted, 0.99), 1.0, "the syncs' own p99 does not see the slow ones");
+        assert_eq!(percentile(&sorted, 0.99), 1.0, "the syncs' own p99 does not see the slow ones");
         let floor = ack_floor(&spans, 1_000_000);
-        let p99 = quantile(&floor, 0.99);
+        let p99 = percentile(&floor, 0.99);
         assert!(p99 > 10.0, "arrivals during a slow sync, or just before one, wait for it: p99 {p99}");
         // Slow syncs take 1,000 of 10,900 time units. An arrival in one waits its rest (0 to
         // 10) plus a normal sync: more than 2 for 9/10 of them (8.3 % of all); an arrival in
@@ -140,18 +136,17 @@ mod tests {
     fn too_few_syncs_give_nothing() {
         assert!(ack_floor(&[], 10).is_empty());
         assert!(ack_floor(&back_to_back(&[1.0]), 10).is_empty());
-        assert!(quantile(&[], 0.5).is_nan());
+        assert!(percentile(&[], 0.5).is_nan());
     }
 
     #[test]
     fn measure_writes_and_syncs_a_real_file() {
-        let dir = std::env::temp_dir().join(format!("rill-sync-floor-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let spans = measure(&dir, Duration::from_millis(50), 4096).expect("measure");
+        let scratch = ScratchDir::new_in(&std::env::temp_dir()).expect("scratch dir");
+        let dir = scratch.path();
+        let spans = measure(dir, Duration::from_millis(50), 4096).expect("measure");
         assert!(!spans.is_empty(), "at least one sync in 50 ms");
         assert!(spans.iter().all(|s| s.end_s >= s.start_s), "each sync ends after it starts");
         assert!(spans.windows(2).all(|w| w[1].start_s >= w[0].end_s), "back to back, in order");
         assert!(!dir.join("sync-floor.data").exists(), "the file is removed");
-        std::fs::remove_dir(&dir).expect("remove scratch dir");
     }
 }

@@ -877,7 +877,8 @@ fn bench_loopback(args: &LoopbackArgs, report: &mut Report) -> Result<()> {
 // sync-floor
 
 fn bench_sync_floor(dir: &Path, args: &SyncFloorArgs, report: &mut Report) -> Result<()> {
-    use rill_bench::sync_floor::{ack_floor, measure, quantile};
+    use rill_bench::summary::percentile;
+    use rill_bench::sync_floor::{ack_floor, measure};
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(format!("--seconds must be a positive number of seconds, got {}", args.seconds).into());
     }
@@ -895,11 +896,11 @@ fn bench_sync_floor(dir: &Path, args: &SyncFloorArgs, report: &mut Report) -> Re
     }
     let note = format!("{} B per sync, {} syncs in {elapsed:.1} s", args.write_bytes, spans.len());
     report.add("sync-floor", "syncs_per_s", spans.len() as f64 / elapsed, "/s", &note);
-    report.add("sync-floor", "write_sync_p50", quantile(&syncs, 0.5) * 1e3, "ms", "one write + fdatasync");
-    report.add("sync-floor", "write_sync_p99", quantile(&syncs, 0.99) * 1e3, "ms", "one write + fdatasync");
+    report.add("sync-floor", "write_sync_p50", percentile(&syncs, 0.5) * 1e3, "ms", "one write + fdatasync");
+    report.add("sync-floor", "write_sync_p99", percentile(&syncs, 0.99) * 1e3, "ms", "one write + fdatasync");
     let waits = "an append arriving at an even instant waits for the rest of the running sync and all of the next";
     for (metric, q) in [("ack_floor_p50", 0.5), ("ack_floor_p99", 0.99), ("ack_floor_p999", 0.999)] {
-        report.add("sync-floor", metric, quantile(&floor, q) * 1e3, "ms", waits);
+        report.add("sync-floor", metric, percentile(&floor, q) * 1e3, "ms", waits);
     }
     Ok(())
 }
