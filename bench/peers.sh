@@ -95,7 +95,7 @@ wait_port 127.0.0.1 "$NATS_PORT" "nats-server (default sync)"
 wait_port 127.0.0.1 "$NATS_ALWAYS_PORT" "nats-server (sync always)"
 say "redis $(redis-server --version | awk '{print $3}') on $REDIS_PORT; $(nats-server --version) on $NATS_PORT (default) and $NATS_ALWAYS_PORT (sync always)"
 
-SYSTEMS=embedded,server,redis,nats
+SYSTEMS=embedded,server,kafka,redis,nats
 COMMON=(--redis-url "redis://127.0.0.1:$REDIS_PORT"
         --nats-url "nats://127.0.0.1:$NATS_PORT" --nats-url-always "nats://127.0.0.1:$NATS_ALWAYS_PORT"
         --duration "$DURATION" --warmup 1)
@@ -117,8 +117,9 @@ run() { # name systems args...
 } > "$OUT/README.md"
 
 # 1. Closed-loop throughput: 100 B, 64 producers x pipeline 16, every durability; rill's
-#    server also through the batching client Producer (a send and a future per message).
-run produce-64 "embedded,server,server-producer,redis,nats" --workloads produce --durability always,relaxed,none \
+#    server also through the batching client Producer (a send and a future per message) and
+#    through its Kafka listener (the rskafka client, one Produce request per send).
+run produce-64 "embedded,server,server-producer,kafka,redis,nats" --workloads produce --durability always,relaxed,none \
   --message-size 100 --producers 64 --batch 16 --inflight 1
 # 2. End-to-end latency, open loop at 50,000 msg/s, fsync=always, between two measurements of
 #    the disk's own ack-latency floor (4 KiB write + fdatasync back to back; an append that

@@ -61,6 +61,9 @@ pub struct ServerArgs {
     /// Address of the server for `--server external`.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub addr: String,
+    /// Address of its Kafka listener for `--server external` (system `kafka` of `load`).
+    #[arg(long)]
+    pub kafka_addr: Option<String>,
     /// The `rill` binary for `--server process` [default: `rill` next to this executable].
     #[arg(long)]
     pub rill_bin: Option<PathBuf>,
@@ -223,6 +226,8 @@ enum Running {
 /// A server to benchmark, started (or found) according to [`ServerArgs`].
 pub struct BenchServer {
     addr: String,
+    /// The Kafka listener's address, where it was asked for.
+    kafka_addr: Option<String>,
     /// The metrics endpoint (`process` and `in-process` only), for the fsync histogram.
     pub(crate) metrics_addr: Option<String>,
     mode: ServerMode,
@@ -233,8 +238,21 @@ impl BenchServer {
     /// Starts the server (`process`, `in-process`) with its data in `data_dir`, or takes
     /// `--addr` (`external`).
     pub fn start(args: &ServerArgs, data_dir: &Path) -> Result<BenchServer> {
-        let (addr, metrics_addr, running) = match args.server {
-            ServerMode::External => (args.addr.clone(), None, Running::External),
+        BenchServer::start_with(args, data_dir, false)
+    }
+
+    /// As [`BenchServer::start`], with the Kafka listener on a free loopback port if
+    /// `kafka` (`external`: the one at `--kafka-addr`).
+    pub fn start_with(args: &ServerArgs, data_dir: &Path, kafka: bool) -> Result<BenchServer> {
+        let (addr, metrics_addr, kafka_addr, running) = match args.server {
+            ServerMode::External => {
+                let kafka_addr = match (&args.kafka_addr, kafka) {
+                    (Some(a), true) => Some(a.clone()),
+                    (None, true) => return Err("--server external needs --kafka-addr for the kafka system".into()),
+                    (_, false) => None,
+                };
+                (args.addr.clone(), None, kafka_addr, Running::External)
+            }
             ServerMode::InProcess => {
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(args.server_threads.max(1))
@@ -245,11 +263,13 @@ impl BenchServer {
                     data_dir: data_dir.to_path_buf(),
                     listen: "127.0.0.1:0".into(),
                     metrics_listen: "127.0.0.1:0".into(),
+                    kafka_listen: if kafka { "127.0.0.1:0".into() } else { String::new() },
                     ..ServerConfig::default()
                 };
                 let handle = runtime.block_on(rill_server::server::start(config))?;
                 let metrics = handle.metrics_addr.map(|a| a.to_string());
-                (handle.addr.to_string(), metrics, Running::InProcess { runtime, handle })
+                let kafka_addr = handle.kafka_addr.map(|a| a.to_string());
+                (handle.addr.to_string(), metrics, kafka_addr, Running::InProcess { runtime, handle })
             }
             ServerMode::Process => {
                 let bin = match &args.rill_bin {
@@ -261,13 +281,14 @@ impl BenchServer {
                     .arg("--data-dir")
                     .arg(data_dir)
                     .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+                    .args(if kafka { &["--kafka-listen", "127.0.0.1:0"][..] } else { &[] })
                     .env("RILL_LOG", "warn")
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::inherit())
                     .spawn()
                     .map_err(|e| format!("start {} serve: {e}", bin.display()))?;
-                let (addr, metrics) = match read_listen_line(&mut child) {
+                let (addr, metrics, kafka_addr) = match read_listen_lines(&mut child, kafka) {
                     Ok(found) => found,
                     Err(e) => {
                         // Best effort: the child failed to come up; make sure it is gone.
@@ -276,16 +297,24 @@ impl BenchServer {
                         return Err(e);
                     }
                 };
-                (addr, metrics, Running::Child(child))
+                (addr, metrics, kafka_addr, Running::Child(child))
             }
         };
         eprintln!("rill-bench: server ({:?}) at {addr}, metrics at {metrics_addr:?}", args.server);
-        Ok(BenchServer { addr, metrics_addr, mode: args.server, running: Some(running) })
+        if let Some(kafka) = &kafka_addr {
+            eprintln!("rill-bench: its Kafka listener at {kafka}");
+        }
+        Ok(BenchServer { addr, kafka_addr, metrics_addr, mode: args.server, running: Some(running) })
     }
 
     /// The protocol address.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The Kafka listener's address, if it was started with one.
+    pub fn kafka_addr(&self) -> Option<&str> {
+        self.kafka_addr.as_deref()
     }
 
     /// CPU accounting of the server process; `None` when it is this process or external.
@@ -342,7 +371,9 @@ impl Drop for BenchServer {
 /// Waits for `rill serve`'s "rill listening on ADDR (metrics and health on http://ADDR)"
 /// line; the rest of its stdout is drained by a thread so that the child never blocks on a
 /// full pipe.
-fn read_listen_line(child: &mut Child) -> Result<(String, Option<String>)> {
+/// `rill serve`'s protocol and metrics addresses from its first line, and with `kafka` the
+/// Kafka listener's from the line after it.
+fn read_listen_lines(child: &mut Child, kafka: bool) -> Result<(String, Option<String>, Option<String>)> {
     let stdout = child.stdout.take().ok_or("rill serve has no stdout pipe")?;
     let mut lines = BufReader::new(stdout).lines();
     let (addr, metrics) = loop {
@@ -361,8 +392,20 @@ fn read_listen_line(child: &mut Child) -> Result<(String, Option<String>)> {
             None => return Err("rill serve exited before it listened".into()),
         }
     };
+    let kafka_addr = if kafka {
+        match lines.next() {
+            Some(Ok(line)) => match line.strip_prefix("Kafka protocol listening on ") {
+                Some(addr) => Some(addr.trim().to_string()),
+                None => return Err(format!("rill serve printed {line:?} where its Kafka address was due").into()),
+            },
+            Some(Err(e)) => return Err(format!("read rill serve's stdout: {e}").into()),
+            None => return Err("rill serve exited before its Kafka listener listened".into()),
+        }
+    } else {
+        None
+    };
     std::thread::spawn(move || lines.for_each(drop));
-    Ok((addr, metrics))
+    Ok((addr, metrics, kafka_addr))
 }
 
 /// The server's fsync histogram (`rill_fsync_latency_seconds`, all partitions), from its

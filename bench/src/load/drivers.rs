@@ -2,8 +2,9 @@
 //! same client-side work: the same stamped payloads, the same producer and consumer tasks on
 //! the same tokio runtime, the same histograms.
 //!
-//! A *stream* is a topic (rill), a set of stream keys (Redis, one per partition) or a set of
-//! JetStream streams (NATS, one per partition, subject `<stream>.<p>`).
+//! A *stream* is a topic (rill, also through its Kafka listener), a set of stream keys (Redis,
+//! one per partition) or a set of JetStream streams (NATS, one per partition, subject
+//! `<stream>.<p>`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +23,7 @@ use crate::TimingStorage;
 /// How long a consumer's read waits for new messages before returning empty-handed.
 pub const POLL_WAIT: Duration = Duration::from_millis(100);
 /// Most bytes one consumer read asks for (rill), or messages (peers: 1 per KiB).
-const READ_MAX_BYTES: u64 = 1 << 20;
+pub(crate) const READ_MAX_BYTES: u64 = 1 << 20;
 
 /// A future acknowledging one send.
 pub type AckFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
@@ -69,6 +70,9 @@ pub enum SystemKind {
     /// `rill serve` over loopback through the batching client `Producer` (a send per
     /// message, batched by linger and size, a future per message).
     ServerProducer,
+    /// `rill serve` over loopback through its Kafka listener, driven by the `rskafka` client:
+    /// each send is one Produce request (acks = -1) of one record batch, consumers fetch.
+    Kafka,
     /// Redis Streams (XADD / XREADGROUP), feature `peers`.
     Redis,
     /// NATS JetStream, feature `peers`.
@@ -82,6 +86,7 @@ impl SystemKind {
             SystemKind::Embedded => "rill-embedded",
             SystemKind::Server => "rill-server",
             SystemKind::ServerProducer => "rill-server-producer",
+            SystemKind::Kafka => "rill-kafka",
             SystemKind::Redis => "redis",
             SystemKind::Nats => "nats",
         }
@@ -108,7 +113,8 @@ pub enum Driver {
         /// Its storage counters.
         io: TimingStorage,
     },
-    /// A rill server.
+    /// A rill server. Topics are created and counted through its native protocol whatever
+    /// the front door, so every front door gets the same topic settings.
     Server {
         /// Protocol address.
         addr: String,
@@ -116,8 +122,8 @@ pub enum Driver {
         admin: Client,
         /// Segment size of created topics.
         segment_bytes: u64,
-        /// Producers go through the batching client `Producer`.
-        batching_producer: bool,
+        /// How producers and consumers reach it.
+        front: Front,
     },
     /// A Redis server.
     #[cfg(feature = "peers")]
@@ -125,6 +131,17 @@ pub enum Driver {
     /// A NATS server with JetStream.
     #[cfg(feature = "peers")]
     Nats(crate::load::peers::NatsDriver),
+}
+
+/// How a [`Driver::Server`]'s producers and consumers reach the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Front {
+    /// The native protocol, one record batch per send.
+    Batch,
+    /// The native protocol through the batching client `Producer`.
+    Producer,
+    /// The Kafka listener at this address, through `rskafka`.
+    Kafka(String),
 }
 
 /// One producer's connection.
@@ -135,6 +152,8 @@ pub enum ProducerHandle {
     ServerBatch { client: Client, topic: String, partitions: u32, next: usize, acks: rill_server::messages::Acks },
     /// The batching client `Producer` (its own connection).
     Server { producer: Producer, topic: String },
+    /// A Kafka client (its own connection), round robin over the partitions.
+    Kafka(crate::load::kafka::KafkaProducer),
     /// A Redis connection.
     #[cfg(feature = "peers")]
     Redis(crate::load::peers::RedisProducer),
@@ -149,6 +168,8 @@ pub enum ConsumerHandle {
     Embedded { partition: Arc<Partition>, offset: u64 },
     /// Long-polling fetches on its own connection.
     Server { client: Client, topic: String, partition: u32, offset: u64 },
+    /// Kafka fetches on its own connection.
+    Kafka(crate::load::kafka::KafkaConsumer),
     /// XREADGROUP on its own connection.
     #[cfg(feature = "peers")]
     Redis(crate::load::peers::RedisConsumer),
@@ -166,11 +187,11 @@ impl Driver {
         Ok(Driver::Embedded { store: Store::open(dir, config)?, io })
     }
 
-    /// A rill server at `addr`; producers send one batch per send, or go through the
-    /// batching `Producer` if `batching_producer`.
-    pub async fn server(addr: &str, segment_bytes: u64, batching_producer: bool) -> Result<Driver> {
+    /// A rill server at `addr` (native protocol), its producers and consumers going through
+    /// `front`.
+    pub async fn server(addr: &str, segment_bytes: u64, front: Front) -> Result<Driver> {
         let admin = Client::connect(addr, "rill-bench-load-admin").await?;
-        Ok(Driver::Server { addr: addr.to_string(), admin, segment_bytes, batching_producer })
+        Ok(Driver::Server { addr: addr.to_string(), admin, segment_bytes, front })
     }
 
     /// Creates `stream` with `partitions` partitions at `durability`.
@@ -234,9 +255,12 @@ impl Driver {
                 let parts = (0..partitions).map(|p| store.partition(stream, p)).collect::<rill_engine::Result<_>>()?;
                 Ok(ProducerHandle::Embedded { partitions: parts, next: id })
             }
-            Driver::Server { addr, batching_producer, .. } => {
+            Driver::Server { front: Front::Kafka(kafka), .. } => Ok(ProducerHandle::Kafka(
+                crate::load::kafka::KafkaProducer::connect(kafka, stream, partitions, id).await?,
+            )),
+            Driver::Server { addr, front, .. } => {
                 let client = Client::connect(addr.as_str(), &format!("rill-bench-load-producer-{id}")).await?;
-                if !batching_producer {
+                if *front == Front::Batch {
                     return Ok(ProducerHandle::ServerBatch {
                         client,
                         topic: stream.to_string(),
@@ -268,6 +292,9 @@ impl Driver {
             Driver::Embedded { store, .. } => {
                 Ok(ConsumerHandle::Embedded { partition: store.partition(stream, partition)?, offset: 0 })
             }
+            Driver::Server { front: Front::Kafka(kafka), .. } => Ok(ConsumerHandle::Kafka(
+                crate::load::kafka::KafkaConsumer::connect(kafka, stream, partition, group).await?,
+            )),
             Driver::Server { addr, .. } => {
                 let client =
                     Client::connect(addr.as_str(), &format!("rill-bench-load-consumer-{group}-{partition}")).await?;
@@ -330,6 +357,7 @@ impl ProducerHandle {
                     Ok(())
                 }))
             }
+            ProducerHandle::Kafka(p) => p.send(values),
             ProducerHandle::Server { producer, topic } => {
                 let sends: Vec<_> = values.into_iter().map(|v| producer.send(topic, None, v, Vec::new())).collect();
                 Ok(Box::pin(async move {
@@ -384,6 +412,7 @@ impl ConsumerHandle {
                 *offset = next;
                 Ok(records.into_iter().map(|r| r.value.unwrap_or_default()).collect())
             }
+            ConsumerHandle::Kafka(c) => c.next().await,
             #[cfg(feature = "peers")]
             ConsumerHandle::Redis(c) => c.next().await,
             #[cfg(feature = "peers")]

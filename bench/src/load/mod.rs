@@ -18,6 +18,7 @@
 //! DIR` the files `load.json`, `load.md` and `load.svg`.
 
 pub mod drivers;
+pub mod kafka;
 pub mod output;
 pub mod pacer;
 #[cfg(feature = "peers")]
@@ -34,7 +35,7 @@ use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::load::drivers::{Driver, Durability, SendSettings, SystemKind};
+use crate::load::drivers::{Driver, Durability, Front, SendSettings, SystemKind};
 use crate::load::output::{Outcome, Percentiles};
 use crate::load::schedule::{stamp_of, stamped_value, Schedule};
 use crate::server_load::{BenchServer, ServerArgs};
@@ -267,13 +268,23 @@ fn connect(
     let _ = durability;
     match system {
         SystemKind::Embedded => Driver::embedded(&dir.join(format!("embedded-{}", durability.name()))),
-        SystemKind::Server | SystemKind::ServerProducer => {
-            if server.is_none() {
-                *server = Some(BenchServer::start(&args.server, &dir.join("server-data"))?);
-            }
-            let addr = server.as_ref().map(|s| s.addr().to_string()).unwrap_or_default();
-            let batching_producer = system == SystemKind::ServerProducer;
-            runtime.block_on(Driver::server(&addr, args.server.segment_mib << 20, batching_producer))
+        SystemKind::Server | SystemKind::ServerProducer | SystemKind::Kafka => {
+            let server = match server {
+                Some(server) => server,
+                None => {
+                    // A server per system; the Kafka listener only for the Kafka front door.
+                    let kafka = system == SystemKind::Kafka;
+                    server.insert(BenchServer::start_with(&args.server, &dir.join("server-data"), kafka)?)
+                }
+            };
+            let front = match system {
+                SystemKind::ServerProducer => Front::Producer,
+                SystemKind::Kafka => {
+                    Front::Kafka(server.kafka_addr().ok_or("the server was started without its Kafka listener")?.into())
+                }
+                _ => Front::Batch,
+            };
+            runtime.block_on(Driver::server(server.addr(), args.server.segment_mib << 20, front))
         }
         #[cfg(feature = "peers")]
         SystemKind::Redis => Ok(Driver::Redis(runtime.block_on(peers::RedisDriver::connect(&args.redis_url))?)),
@@ -712,6 +723,87 @@ async fn replay(driver: &Driver, stream: &str, args: &LoadArgs, outcome: &mut Ou
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        load: LoadArgs,
+    }
+
+    fn parse(options: &[&str]) -> LoadArgs {
+        use clap::Parser;
+        Cli::parse_from(std::iter::once("load").chain(options.iter().copied())).load
+    }
+
+    fn extra(outcome: &Outcome, name: &str) -> Option<f64> {
+        outcome.extra.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// The Kafka driver end to end against an in-process server's Kafka listener: every
+    /// message produced through it comes back through its fetches, stamped, and a replay
+    /// reads the whole log.
+    #[test]
+    fn kafka_front_door_delivers_every_message() -> Result<()> {
+        let scratch = crate::ScratchDir::new_in(&std::env::temp_dir())?;
+        let args = parse(&[
+            "--systems",
+            "kafka",
+            "--server",
+            "in-process",
+            "--segment-mib",
+            "16",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--producers",
+            "2",
+            "--partitions",
+            "2",
+            "--batch",
+            "8",
+            "--inflight",
+            "2",
+            "--replay-mib",
+            "1",
+        ]);
+        let runtime = crate::server_load::client_runtime(&args.server)?;
+        let mut server = None;
+        let driver = connect(&runtime, SystemKind::Kafka, Durability::Always, &args, scratch.path(), &mut server)?;
+        let server = server.ok_or("the Kafka system starts a server")?;
+        assert!(server.kafka_addr().is_some(), "the server runs its Kafka listener");
+
+        let e2e = runtime.block_on(run_one(
+            &driver,
+            Some(&server),
+            SystemKind::Kafka,
+            Workload::E2e,
+            Durability::Always,
+            &args,
+        ))?;
+        assert_eq!(e2e.system, "rill-kafka");
+        assert!(e2e.msgs_per_s > 0.0, "acknowledged messages in the window: {e2e:?}");
+        assert_eq!(extra(&e2e, "lost"), Some(0.0), "every produced message was fetched: {e2e:?}");
+        assert!(e2e.latency.as_ref().is_some_and(|l| l.count > 0), "end-to-end latencies were recorded: {e2e:?}");
+        assert!(extra(&e2e, "B/fsync").is_some_and(|b| b > 0.0), "the server's fsyncs were counted: {e2e:?}");
+
+        let replay = runtime.block_on(run_one(
+            &driver,
+            Some(&server),
+            SystemKind::Kafka,
+            Workload::Replay,
+            Durability::None,
+            &args,
+        ))?;
+        let written = (1u64 << 20) / args.message_size as u64;
+        assert!(
+            extra(&replay, "replayed msgs").is_some_and(|n| n as u64 >= written),
+            "the replay read back the whole log of at least {written} messages: {replay:?}"
+        );
+        driver.close()?;
+        drop(runtime);
+        server.stop()
+    }
 
     #[test]
     fn svg_title_drops_the_binary_path() {

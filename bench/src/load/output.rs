@@ -38,7 +38,7 @@ impl Percentiles {
 /// The result of one workload on one system at one durability.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Outcome {
-    /// `rill-embedded`, `rill-server`, `redis` or `nats`.
+    /// `rill-embedded`, `rill-server`, `rill-server-producer`, `rill-kafka`, `redis` or `nats`.
     pub system: String,
     /// `produce`, `e2e`, `fanout` or `replay`.
     pub workload: String,
@@ -277,6 +277,7 @@ fn colour(system: &str) -> &'static str {
         "rill-embedded" => "#1b9e77",
         "rill-server" => "#66a61e",
         "rill-server-producer" => "#a6d854",
+        "rill-kafka" => "#e6ab02",
         "redis" => "#d95f02",
         "nats" => "#7570b3",
         _ => "#666666",
